@@ -1,0 +1,229 @@
+"""What every ``compress_*.py`` entry point shares: flags, config, distributed setup, the run itself.
+
+An entry script describes its task with a :class:`TaskSpec` (how to build data, model and the task
+object) and calls :func:`main`. The seeds' flags keep their names (``--config``, ``--pretrained``,
+``--output_dir``, ``--evaluate``, ``--p``, ``--epoch``, ``--amp``); ``--set key=value`` patches any
+config key with type checking; ``--demo`` runs on the built-in synthetic world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import utils
+from config import ConfigError, load_config
+from engine import CHECKPOINT_LAST, ENGINE_DEFAULTS, Engine, EngineConfig
+from utils import log
+
+REPO = Path(__file__).resolve().parent
+
+# Keys every task accepts besides the engine's: where the synthetic world lives for demos.
+COMMON_DEFAULTS: dict[str, Any] = {
+    **ENGINE_DEFAULTS,
+    "pretrained": "",
+    "world": {"dir": ".synthetic/world", "n": 600, "image_size": 64, "seed": 0},
+}
+
+
+@dataclass
+class TaskSpec:
+    name: str  # e.g. "nlvr"; also the default output folder
+    description: str
+    schema: Mapping[str, Any]  # task keys and defaults (COMMON_DEFAULTS are added)
+    default_config: str  # path relative to the repository
+    demo_config: str
+    build_data: Callable[[dict, utils.DistInfo], tuple[Any, dict]]  # -> (train_loader, {split: loader})
+    build_model: Callable[[dict], torch.nn.Module]
+    build_task: Callable[[dict, Any], Any]  # (config, train_loader) -> Task
+    load_pretrained: Callable[[torch.nn.Module, str, dict], None] | None = None
+
+
+def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
+    from pruners import PRUNERS
+
+    p = argparse.ArgumentParser(
+        prog=f"compress_{spec.name}.py",
+        description=spec.description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Runs as plain `python` on one device (CPU included) or under "
+            "`torchrun --nproc_per_node=N`.\n"
+            "Every run writes <output_dir>/config.yaml, log.jsonl (one line per epoch), "
+            "checkpoint_last.pth (every epoch),\ncheckpoint_best.pth and results.json."
+        ),
+    )
+    p.add_argument(
+        "--config", default=None, help=f"task YAML (default {spec.default_config}; {spec.demo_config} with --demo)"
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="tiny model on the built-in synthetic world (generated on first use)"
+    )
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        help=f"where results go (default output/{spec.name}, output/demo/{spec.name} with --demo)",
+    )
+    p.add_argument("--pretrained", default=None, help="weights to start from or to evaluate (overrides config)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
+    p.add_argument("--resume", default=None, help="a checkpoint_last.pth to continue a run exactly")
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow starting afresh in an output_dir that already holds a run"
+    )
+    p.add_argument("--pruner", default="none", choices=sorted(PRUNERS), help="compression method")
+    p.add_argument("--p", type=float, default=None, help="pruning ratio / target (method-specific)")
+    p.add_argument("--epoch", type=int, default=None, help="number of epochs (overrides max_epoch)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, typed, repeatable (e.g. --set init_lr=1e-5 --set world.n=200)",
+    )
+    return p
+
+
+def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
+    schema = {**COMMON_DEFAULTS, **spec.schema}
+    path = args.config or (spec.demo_config if args.demo else spec.default_config)
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = REPO / path
+    flags: dict[str, Any] = {}
+    if args.pretrained is not None:
+        flags["pretrained"] = args.pretrained
+    if args.epoch is not None:
+        flags["max_epoch"] = args.epoch
+    if args.amp:
+        flags["amp"] = True
+    if args.seed is not None:
+        flags["seed"] = args.seed
+    if args.p is not None:
+        if "p" not in schema:
+            raise ConfigError(f"--p is given but task {spec.name} has no pruning ratio key 'p'")
+        flags["p"] = args.p
+    config = load_config(path, schema, args.overrides, base=flags)
+    if args.demo:
+        world = config["world"]
+        config = _substitute(config, "${world}", str(_abs(world["dir"])))
+    config["_source"] = str(path)
+    return config
+
+
+def _abs(p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else (Path.cwd() / p)
+
+
+def _substitute(obj: Any, key: str, value: str) -> Any:
+    if isinstance(obj, str):
+        return obj.replace(key, value)
+    if isinstance(obj, dict):
+        return {k: _substitute(v, key, value) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, key, value) for v in obj]
+    return obj
+
+
+def _check_output_dir(output_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse to silently start over on top of an earlier run's checkpoints."""
+    last = output_dir / CHECKPOINT_LAST
+    if last.exists() and not (args.resume or args.evaluate or args.overwrite or args.demo):
+        raise SystemExit(
+            f"error: {output_dir} already holds a run ({last.name}); pass --resume {last} to continue it, "
+            "--overwrite to start over, or another --output_dir"
+        )
+
+
+def main(spec: TaskSpec, argv: list[str] | None = None) -> dict:
+    args = build_parser(spec).parse_args(argv)
+    try:
+        config = resolve_config(spec, args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    output_dir = Path(args.output_dir or (f"output/demo/{spec.name}" if args.demo else f"output/{spec.name}"))
+    _check_output_dir(output_dir, args)
+
+    dist_info = utils.init_distributed(args.device)
+    try:
+        return _run(spec, args, config, output_dir, dist_info)
+    finally:
+        utils.cleanup_distributed()
+
+
+def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.DistInfo) -> dict:
+    from pruners import build_pruner
+
+    utils.setup_logging(output_dir)
+    utils.set_seed(config["seed"] + dist_info.rank)
+    if args.demo:
+        from data.synthetic import ensure_world
+
+        w = config["world"]
+        if utils.is_main_process():
+            ensure_world(_abs(w["dir"]), n=w["n"], image_size=w["image_size"], seed=w["seed"])
+        utils.barrier()
+    log.info(
+        "task %s, pruner %s, %d process(es) on %s, config %s",
+        spec.name,
+        args.pruner,
+        dist_info.world_size,
+        dist_info.device,
+        config["_source"],
+    )
+
+    t0 = time.time()
+    train_loader, eval_loaders = spec.build_data(config, dist_info)
+    model = spec.build_model(config)
+    if config["pretrained"]:
+        if spec.load_pretrained is None:
+            raise SystemExit(f"error: task {spec.name} cannot load --pretrained weights")
+        spec.load_pretrained(model, config["pretrained"], config)
+    task = spec.build_task(config, train_loader)
+    pruner = build_pruner(args.pruner, config)
+    if pruner is not None:
+        pruner.attach(model)
+    engine = Engine(
+        model,
+        task,
+        EngineConfig.from_config(config),
+        dist_info,
+        output_dir,
+        pruner=pruner,
+        config={k: v for k, v in config.items() if not k.startswith("_")},
+    )
+    if args.evaluate:
+        metrics = engine.evaluate(eval_loaders)
+        engine.write_config()
+        results = {
+            "metrics": metrics,
+            "params": utils.count_parameters(model),
+            "checkpoint": config["pretrained"] or None,
+        }
+    else:
+        results = engine.fit(train_loader, eval_loaders, resume=args.resume)
+    results = {
+        "task": spec.name,
+        "pruner": args.pruner,
+        **results,
+        "world_size": dist_info.world_size,
+        "device": str(dist_info.device),
+        "output_dir": str(output_dir),
+        "config": config["_source"],
+        "command": " ".join(sys.argv),
+        "time_s": round(time.time() - t0, 2),
+    }
+    utils.write_json(output_dir / "results.json", results)
+    log.info("results: %s", results["metrics"])
+    return results

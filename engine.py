@@ -1,0 +1,380 @@
+"""The one train / evaluate loop shared by every task and pruner.
+
+A task supplies ``train_step`` and ``evaluate``; a pruner (optional) supplies extra parameters,
+loss terms and per-step / per-epoch hooks. The engine owns everything else: DDP, AMP, gradient
+accumulation, the learning-rate schedule, atomic per-epoch checkpoints, exact resume, the
+non-finite-loss guard, ``log.jsonl`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import utils
+from config import dump_yaml
+from utils import DistInfo, log
+
+CHECKPOINT_LAST = "checkpoint_last.pth"
+CHECKPOINT_BEST = "checkpoint_best.pth"
+
+# Engine keys every task config accepts (the task schemas add their own).
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "max_epoch": 1,
+    "init_lr": 1e-5,
+    "min_lr": 0.0,
+    "weight_decay": 0.05,
+    "warmup_steps": 0,
+    "warmup_lr": 0.0,
+    "lr_schedule": "cosine",  # cosine | constant
+    "lr_per_step": False,  # False: the seeds' per-epoch cosine
+    "accum_steps": 1,
+    "amp": False,  # bf16 autocast
+    "amp_dtype": "bfloat16",  # bfloat16 | float16 (float16 adds a GradScaler)
+    "grad_clip": 0.0,  # 0 = off (the seeds do not clip)
+    "grad_checkpointing": False,
+    "find_unused_parameters": False,
+    "seed": 42,
+    "num_workers": 4,
+    "eval_every": 1,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    step: int  # micro-batch index within the epoch
+    steps_per_epoch: int  # micro-batches per epoch
+    global_step: int  # optimizer steps taken so far
+
+
+class Task(Protocol):
+    name: str
+    main_metric: str  # key in the "val" metrics used for model selection (higher is better)
+
+    def train_step(self, model: torch.nn.Module, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
+        """Forward one batch; return a dict of scalar losses that includes the total under 'loss'."""
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, split: str) -> dict[str, float]:
+        """Metrics for one split, gathered over ranks (identical on every rank)."""
+
+
+@dataclass
+class EngineConfig:
+    max_epoch: int = 1
+    init_lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_per_step: bool = False
+    accum_steps: int = 1
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    grad_clip: float = 0.0
+    grad_checkpointing: bool = False
+    find_unused_parameters: bool = False
+    eval_every: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> EngineConfig:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: config[k] for k in names if k in config})
+
+
+@dataclass
+class TrainState:
+    epoch: int = -1  # last finished epoch
+    global_step: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        cfg: EngineConfig,
+        dist_info: DistInfo,
+        output_dir: str | Path,
+        pruner: Any = None,
+        config: Mapping | None = None,
+    ):
+        self.task, self.cfg, self.dist, self.pruner = task, cfg, dist_info, pruner
+        self.output_dir = Path(output_dir)
+        self.config = dict(config or {})
+        self.device = dist_info.device
+        self.model = model.to(self.device)
+        if cfg.grad_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise ValueError(f"grad_checkpointing is on but {type(model).__name__} has no set_grad_checkpointing()")
+            self.model.set_grad_checkpointing(True)
+        self.ddp_model: torch.nn.Module = self.model
+        if dist_info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
+        use_scaler = cfg.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.optimizer = self._build_optimizer()
+        self.state = TrainState()
+        self._train_loader = None
+
+    # ------------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over all trainable model parameters (the seeds' recipe) plus the pruner's groups."""
+        pruner_params = {id(p) for g in self._pruner_groups() for p in g["params"]}
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in pruner_params]
+        groups = [{"params": params, "weight_decay": self.cfg.weight_decay}] + self._pruner_groups()
+        return torch.optim.AdamW(groups, lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
+
+    def _pruner_groups(self) -> list[dict]:
+        if self.pruner is None or not hasattr(self.pruner, "param_groups"):
+            return []
+        return list(self.pruner.param_groups())
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, train_loader, eval_loaders: Mapping[str, Any], resume: str | Path | None = None) -> dict:
+        """Train for ``max_epoch`` epochs, evaluating every ``eval_every`` epochs and at the end."""
+        self._train_loader = train_loader
+        if resume:
+            self.load_checkpoint(resume)
+        micro_per_epoch = len(train_loader)
+        if micro_per_epoch == 0:
+            raise ValueError("the training loader is empty (dataset smaller than one batch with drop_last?)")
+        accum = max(1, self.cfg.accum_steps)
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        schedule = utils.LRSchedule(
+            init_lr=self.cfg.init_lr,
+            min_lr=self.cfg.min_lr,
+            max_epoch=self.cfg.max_epoch,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=self.cfg.warmup_steps,
+            warmup_lr=self.cfg.warmup_lr,
+            per_step=self.cfg.lr_per_step,
+            kind=self.cfg.lr_schedule,
+        )
+        total_steps = steps_per_epoch * self.cfg.max_epoch
+        for epoch in range(self.state.epoch + 1, self.cfg.max_epoch):
+            t0 = time.time()
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train_stats = self._train_epoch(train_loader, epoch, schedule, accum, total_steps)
+            if self.pruner is not None and hasattr(self.pruner, "epoch_end"):
+                self.pruner.epoch_end(epoch, self)
+            last = epoch == self.cfg.max_epoch - 1
+            metrics = {}
+            if last or (epoch + 1) % max(1, self.cfg.eval_every) == 0:
+                metrics = self.evaluate(eval_loaders)
+            self.state.epoch = epoch
+            self._update_best(metrics, epoch)
+            self.save_checkpoint(self.output_dir / CHECKPOINT_LAST)
+            record = {
+                "epoch": epoch,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train": train_stats,
+                **metrics,
+                "epoch_time_s": round(time.time() - t0, 3),
+            }
+            utils.append_jsonl(self.output_dir / "log.jsonl", record)
+            log.info("epoch %d: %s", epoch, _fmt(record))
+        return self.results()
+
+    def _train_epoch(self, loader, epoch: int, schedule, accum: int, total_steps: int) -> dict:
+        self.ddp_model.train()
+        n_micro = len(loader)
+        sums: dict[str, float] = {}
+        count = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = utils.progress(loader, desc=f"train {epoch}", total=n_micro)
+        for i, batch in enumerate(bar):
+            step_in_epoch = i // accum
+            if i % accum == 0:
+                utils.set_lr(self.optimizer, schedule(epoch, step_in_epoch))
+            info = StepInfo(epoch, i, n_micro, self.state.global_step)
+            boundary = (i + 1) % accum == 0 or i + 1 == n_micro
+            sync = (
+                contextlib.nullcontext()
+                if boundary or not isinstance(self.ddp_model, DDP)
+                else self.ddp_model.no_sync()
+            )
+            with sync:
+                with self._autocast():
+                    losses = self.task.train_step(self.ddp_model, batch, info)
+                    loss = losses["loss"]
+                    if self.pruner is not None and hasattr(self.pruner, "loss"):
+                        extra = self.pruner.loss(self.model, losses)
+                        if extra is not None:
+                            loss = loss + extra
+                            losses = {**losses, "pruner_loss": extra}
+                self._check_finite(loss, epoch, i)
+                self.scaler.scale(loss / accum).backward()
+            if boundary:
+                if self.pruner is not None and hasattr(self.pruner, "before_optimizer_step"):
+                    self.pruner.before_optimizer_step(self.model)
+                if self.cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.global_step += 1
+                if self.pruner is not None and hasattr(self.pruner, "step"):
+                    self.pruner.step(self.model, self.state.global_step, total_steps)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        keys = sorted(sums)
+        totals = utils.all_reduce_sum([sums[k] for k in keys] + [count], self._reduce_device())
+        return {k: totals[j] / max(totals[-1], 1) for j, k in enumerate(keys)}
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        # Reduced over ranks so that every rank stops together instead of hanging in the next all-reduce.
+        finite = utils.all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], self._reduce_device())
+        if finite[0] > 0:
+            kept = self.output_dir / CHECKPOINT_LAST
+            kept_msg = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
+                f"(optimizer step {self.state.global_step}); stopping, {kept_msg}"
+            )
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loaders: Mapping[str, Any]) -> dict[str, dict]:
+        self.model.eval()
+        out = {}
+        for split, loader in loaders.items():
+            with self._autocast():
+                out[split] = self.task.evaluate(self.model, loader, split)
+        return out
+
+    def _update_best(self, metrics: Mapping, epoch: int) -> None:
+        if not metrics:
+            return
+        self.state.last_metrics = dict(metrics)
+        split = "val" if "val" in metrics else next(iter(metrics))
+        value = metrics[split].get(self.task.main_metric)
+        if value is None:
+            raise KeyError(
+                f"task {self.task.name} reported no '{self.task.main_metric}' for split {split}: "
+                f"got {sorted(metrics[split])}"
+            )
+        if value > self.state.best_value:
+            self.state.best_value, self.state.best_epoch = float(value), epoch
+            self.state.best_metrics = dict(metrics)
+            self.save_model(self.output_dir / CHECKPOINT_BEST, epoch=epoch)
+
+    # ------------------------------------------------------------------------------------------
+    def save_model(self, path: Path, **extra) -> None:
+        if utils.is_main_process():
+            utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
+        utils.barrier()
+
+    def write_config(self) -> None:
+        """``config.yaml`` is written with the first checkpoint or result, never before: a run that fails
+        on a bad file or value leaves an earlier run's folder as it was."""
+        if utils.is_main_process():
+            dump_yaml(self.config, self.output_dir / "config.yaml")
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything needed to continue exactly: every rank's RNG states (global generators and the
+        train loader's own) are gathered into one file."""
+        rng = utils.rng_state()
+        generator = getattr(self._train_loader, "generator", None)
+        if generator is not None:
+            rng["loader"] = generator.get_state()
+        rng = utils.all_gather_object(rng)
+        if utils.is_main_process():
+            ckpt = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "pruner": self.pruner.state_dict() if self.pruner is not None else {},
+                "rng": rng,
+                "state": vars(self.state),
+                "config": self.config,
+                "world_size": self.dist.world_size,
+            }
+            utils.atomic_torch_save(ckpt, path)
+        self.write_config()
+        utils.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ckpt = utils.load_checkpoint_file(path, map_location="cpu")
+        missing = [k for k in ("model", "optimizer", "state", "rng") if k not in ckpt]
+        if missing:
+            raise utils.CheckpointError(
+                f"{path} is not a training checkpoint (missing {missing}); to start from weights use --pretrained"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.pruner is not None and ckpt.get("pruner"):
+            self.pruner.load_state_dict(ckpt["pruner"])
+        self.state = TrainState(**ckpt["state"])
+        rng = ckpt["rng"]
+        rank = self.dist.rank
+        if len(rng) != self.dist.world_size:
+            log.warning(
+                "resuming with %d processes from a checkpoint of %d: data order and augmentation "
+                "will differ from an uninterrupted run",
+                self.dist.world_size,
+                len(rng),
+            )
+        mine = rng[rank % len(rng)]
+        utils.set_rng_state(mine)
+        generator = getattr(self._train_loader, "generator", None)
+        if generator is not None and "loader" in mine:
+            generator.set_state(mine["loader"])
+        log.info(
+            "resumed from %s at the end of epoch %d (optimizer step %d)", path, self.state.epoch, self.state.global_step
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def results(self) -> dict:
+        best = self.output_dir / CHECKPOINT_BEST
+        return {
+            "metrics": self.state.best_metrics or self.state.last_metrics,
+            "last_metrics": self.state.last_metrics,
+            "best_epoch": self.state.best_epoch,
+            "params": utils.count_parameters(self.model),
+            "checkpoint": str(best if best.exists() else self.output_dir / CHECKPOINT_LAST),
+        }
+
+
+def _fmt(record: Mapping) -> str:
+    def short(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{k}: {short(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    return ", ".join(f"{k}={short(v)}" for k, v in record.items())

@@ -1,0 +1,54 @@
+"""The interface every pruner implements; the engine and entry scripts talk to pruners only through it.
+
+Structured pruners reach a model through its ``prunable_units()``; token pruners through the blocks'
+``token_hook``; unstructured pruners through parameter names. A pruner never knows the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class Pruner:
+    name = "base"
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Add masks, gates and hooks to ``model`` (before the optimizer is built)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> Iterable[dict]:
+        """The pruner's own learnable tensors as optimizer groups (with their own ``lr``/``lr_scale``)."""
+        return []
+
+    def loss(self, model: torch.nn.Module, outputs: dict) -> torch.Tensor | None:
+        """An extra loss term added to the task loss, or None."""
+        return None
+
+    def before_optimizer_step(self, model: torch.nn.Module) -> None:
+        """Called after backward, before the optimizer step (e.g. to read mask gradients)."""
+
+    def step(self, model: torch.nn.Module, step: int, total: int) -> None:
+        """Called after every optimizer step (schedules, score updates, controllers)."""
+
+    def epoch_end(self, epoch: int, engine: Any) -> None:
+        """Called after every training epoch, before evaluation."""
+
+    def compress(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Turn masks into a smaller dense model or a fixed token schedule."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def report(self) -> dict:
+        """Sparsity, kept units, FLOPs: what results.json records about the pruner."""
+        return {}

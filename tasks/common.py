@@ -1,0 +1,54 @@
+"""Loader construction shared by the tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch.utils.data import Dataset, DistributedSampler
+
+import utils
+from data import create_loader
+from data.samplers import ShardSampler
+
+# Data keys every image task accepts (read by data.create_dataset and the transforms).
+DATA_DEFAULTS: dict[str, Any] = {
+    "image_root": "",
+    "ann_root": "annotation",
+    "image_size": 384,
+    "batch_size_train": 32,
+    "batch_size_test": 64,
+    "hflip": True,
+    "randaug": True,
+    "crop_scale": [0.5, 1.0],
+    "fork_parity_seeding": False,
+}
+
+
+def build_loaders(
+    config: Mapping,
+    dist: utils.DistInfo,
+    train_set: Dataset,
+    eval_sets: Mapping[str, Dataset],
+    collate_fn: Callable | None = None,
+    shard_eval: bool = True,
+) -> tuple[Any, dict]:
+    """Train loader over a DistributedSampler (also with one process: the data order then depends only
+    on (seed, epoch), which exact resume relies on); eval loaders sharded without padding, or the full
+    split on every rank when ``shard_eval`` is False (retrieval)."""
+    world, rank = dist.world_size, dist.rank
+    samplers = [DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"])]
+    samplers += [ShardSampler(ds, world, rank) if shard_eval else None for ds in eval_sets.values()]
+    n = 1 + len(eval_sets)
+    loaders = create_loader(
+        [train_set, *eval_sets.values()],
+        samplers,
+        batch_size=[config["batch_size_train"]] + [config["batch_size_test"]] * (n - 1),
+        num_workers=[config["num_workers"]] * n,
+        is_trains=[True] + [False] * (n - 1),
+        collate_fns=[collate_fn] + [None] * (n - 1),
+        seed=config["seed"],
+        fork_parity_seeding=config["fork_parity_seeding"],
+        rank=rank,
+    )
+    return loaders[0], dict(zip(eval_sets, loaders[1:]))
