@@ -166,6 +166,7 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
     from pruners import build_pruner
 
     utils.setup_logging(output_dir)
+    config["_output_dir"] = str(output_dir)
     utils.set_seed(config["seed"] + dist_info.rank)
     if args.demo:
         from data.synthetic import ensure_world

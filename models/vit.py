@@ -152,7 +152,8 @@ class VisionTransformer(nn.Module):
         heads = _per_block(heads, num_heads, depth, "heads")
         head_dims = _per_block(head_dims, dense_head_dim, depth, "head_dims")
         mlp_hidden = _per_block(mlp_hidden, int(embed_dim * mlp_ratio), depth, "mlp_hidden")
-        drop_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        # Plain Python (not torch.linspace) so the model can also be built on the meta device.
+        drop_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

@@ -52,3 +52,19 @@ def build_loaders(
         rank=rank,
     )
     return loaders[0], dict(zip(eval_sets, loaders[1:]))
+
+
+def blip_loader(task: str, reset_momentum: bool = False) -> Callable:
+    """``load_pretrained`` for a BLIP task: official files (or same-layout ones) through the checkpoint policies."""
+
+    def load(model, path: str, config: Mapping) -> None:
+        from models.checkpoints import load_blip_checkpoint
+
+        report = load_blip_checkpoint(model, path, task, reset_momentum=reset_momentum)
+        utils.log.info("%s", report)
+
+    return load
+
+
+def model_device(model) -> Any:
+    return next(model.parameters()).device
