@@ -1,4 +1,4 @@
-"""VQAv2 with BLIP: fine-tune, compress or evaluate (result file for the server; local accuracy when answers are known).
+"""VQAv2 with BLIP: fine-tune, compress or evaluate (server result file; local accuracy if answers known).
 
 python compress_vqa.py --demo
 torchrun --nproc_per_node=8 compress_vqa.py --config configs/vqa.yaml
@@ -9,7 +9,7 @@ from tasks import vqa as t
 
 SPEC = cli.TaskSpec(
     name="vqa",
-    description="VQAv2 with BLIP: fine-tune, compress or evaluate (result file for the server; local accuracy when answers are known).",
+    description="VQAv2 with BLIP: fine-tune, compress or evaluate (server result file; local accuracy if answers known).",
     schema=t.SCHEMA,
     default_config="configs/vqa.yaml",
     demo_config="configs/demo/vqa.yaml",
