@@ -9,7 +9,7 @@ from tasks import caption as t
 
 SPEC = cli.TaskSpec(
     name="caption",
-    description="COCO captioning with BLIP: fine-tune, compress or evaluate (BLEU-4, METEOR, ROUGE-L, CIDEr).",
+    description=__doc__.splitlines()[0],
     schema=t.SCHEMA,
     default_config="configs/caption_coco.yaml",
     demo_config="configs/demo/caption.yaml",

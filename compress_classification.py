@@ -9,7 +9,7 @@ from tasks import classification as t
 
 SPEC = cli.TaskSpec(
     name="classification",
-    description="Train, compress or evaluate a ViT/DeiT image classifier (ImageNet folder layout).",
+    description=__doc__.splitlines()[0],
     schema=t.SCHEMA,
     default_config="configs/deit_imagenet.yaml",
     demo_config="configs/demo/classification.yaml",

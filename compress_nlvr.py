@@ -9,7 +9,7 @@ from tasks import nlvr as t
 
 SPEC = cli.TaskSpec(
     name="nlvr",
-    description="NLVR2 with BLIP: fine-tune, compress or evaluate (accuracy on dev and test-P).",
+    description=__doc__.splitlines()[0],
     schema=t.SCHEMA,
     default_config="configs/nlvr.yaml",
     demo_config="configs/demo/nlvr.yaml",

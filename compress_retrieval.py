@@ -9,7 +9,7 @@ from tasks import retrieval as t
 
 SPEC = cli.TaskSpec(
     name="retrieval",
-    description="COCO / Flickr30k image-text retrieval with BLIP: fine-tune, compress or evaluate (recall@1/5/10).",
+    description=__doc__.splitlines()[0],
     schema=t.SCHEMA,
     default_config="configs/retrieval_coco.yaml",
     demo_config="configs/demo/retrieval.yaml",

@@ -9,7 +9,7 @@ from tasks import vqa as t
 
 SPEC = cli.TaskSpec(
     name="vqa",
-    description="VQAv2 with BLIP: fine-tune, compress or evaluate (server result file; local accuracy if answers known).",
+    description=__doc__.splitlines()[0],
     schema=t.SCHEMA,
     default_config="configs/vqa.yaml",
     demo_config="configs/demo/vqa.yaml",
