@@ -28,6 +28,9 @@ TEXT_LENGTH = 35  # ITC/ITM texts are padded (and truncated) to exactly this man
 
 class BlipRetrieval(nn.Module):
     task = "retrieval"
+    # Buffer names differ between the fine-tuned and the pre-trained file layouts.
+    QUEUE_POINTER = "ptr_queue"
+    IDX_QUEUE_SAVED = True
 
     def __init__(
         self,
@@ -59,8 +62,9 @@ class BlipRetrieval(nn.Module):
 
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
-        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long),
+                             persistent=self.IDX_QUEUE_SAVED)
+        self.register_buffer(self.QUEUE_POINTER, torch.zeros(1, dtype=torch.long))
         self.queue_size = queue_size
         self.momentum = momentum
         self.negative_all_rank = negative_all_rank
@@ -182,13 +186,14 @@ class BlipRetrieval(nn.Module):
         image_feats = concat_all_gather(image_feat)
         text_feats = concat_all_gather(text_feat)
         n = image_feats.shape[0]
-        ptr = int(self.ptr_queue)
+        pointer = getattr(self, self.QUEUE_POINTER)
+        ptr = int(pointer)
         if self.queue_size % n:
             raise ValueError(f"queue_size {self.queue_size} must be a multiple of the global batch {n}")
         self.image_queue[:, ptr : ptr + n] = image_feats.T
         self.text_queue[:, ptr : ptr + n] = text_feats.T
         self.idx_queue[:, ptr : ptr + n] = idxs.T
-        self.ptr_queue[0] = (ptr + n) % self.queue_size
+        pointer[0] = (ptr + n) % self.queue_size
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)

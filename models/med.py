@@ -1068,12 +1068,18 @@ class BertLMHeadModel(nn.Module):
 
 
 def _expand(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None or n == 1 else t.repeat_interleave(n, dim=0)
+    return t if t is None or n == 1 else t.repeat_interleave(n, dim=0)
 
 
 # ------------------------------------------------------------------------------------------------ decoding
 
 StepFn = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+def _checked_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    if logits.dim() != 2 or logits.shape[0] != tokens.shape[0]:
+        raise ValueError(f"step must return next-token logits ({tokens.shape[0]}, V), got {tuple(logits.shape)}")
+    return logits
 
 
 def _repetition_penalty(scores: Tensor, tokens: Tensor, penalty: float) -> Tensor:
@@ -1170,7 +1176,7 @@ def beam_search(
 
     while True:
         length = tokens.shape[1]
-        scores = F.log_softmax(step(tokens, reorder).float(), dim=-1)
+        scores = F.log_softmax(_checked_logits(step(tokens, reorder), tokens).float(), dim=-1)
         scores = _repetition_penalty(scores, tokens, repetition_penalty)
         scores = _forbid_eos(scores, length, min_length, eos_token_id)
         scores = scores + beam_scores[:, None]
@@ -1265,7 +1271,7 @@ def nucleus_sample(
     tokens = input_ids
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     while True:
-        logits = step(tokens, None).float()
+        logits = _checked_logits(step(tokens, None), tokens).float()
         logits = _repetition_penalty(logits, tokens, repetition_penalty)
         logits = _forbid_eos(logits, tokens.shape[1], min_length, eos_token_id)
         if temperature != 1.0:

@@ -23,6 +23,7 @@ SCHEMA: dict[str, Any] = {
     "batch_size_test": 64,
     "queue_size": 57600,
     "alpha": 0.4,
+    "momentum": 0.995,  # EMA rate of the momentum towers
     "k_test": 256,
     "negative_all_rank": True,
     "reset_momentum": False,  # True: re-copy online -> momentum towers after loading (UPop); False: BLIP
@@ -40,6 +41,7 @@ def build_model(config: Mapping) -> BlipRetrieval:
         config,
         image_size=config["image_size"],
         queue_size=config["queue_size"],
+        momentum=config["momentum"],
         negative_all_rank=config["negative_all_rank"],
     )
 
