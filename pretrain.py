@@ -1,6 +1,6 @@
 """BLIP pre-training (ITC + ITM + LM) on image-caption pairs; makes the demos' tiny pre-trained BLIP.
 
-    python pretrain.py --demo
+python pretrain.py --demo
 """
 
 import cli

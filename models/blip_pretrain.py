@@ -30,7 +30,9 @@ class BlipPretrain(BlipRetrieval):
         self.text_decoder = BertLMHeadModel(med_config(config, self.tokenizer, vision_width))
         tie_encoder_decoder(self.text_encoder, self.text_decoder.bert)
         # The LM head reads the (now shared) word embeddings.
-        self.text_decoder.cls = BertOnlyMLMHead(self.text_decoder.config, self.text_decoder.bert.embeddings.word_embeddings)
+        self.text_decoder.cls = BertOnlyMLMHead(
+            self.text_decoder.config, self.text_decoder.bert.embeddings.word_embeddings
+        )
         self.text_decoder.cls.apply(self.text_decoder.bert._init_weights)
 
     def forward(self, image: Tensor, caption: list[str], alpha: float, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,8 +40,15 @@ class BlipPretrain(BlipRetrieval):
         loss_ita, loss_itm = super().forward(image, caption, alpha, idx)
         embeds = self.visual_encoder.forward_features(image)
         atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
-        text = tokenize(self.tokenizer, caption, image.device, first=self.tokenizer.bos_token_id,
-                        padding="longest", truncation=True, max_length=30)
+        text = tokenize(
+            self.tokenizer,
+            caption,
+            image.device,
+            first=self.tokenizer.bos_token_id,
+            padding="longest",
+            truncation=True,
+            max_length=30,
+        )
         targets = text.input_ids.masked_fill(text.input_ids == self.tokenizer.pad_token_id, -100)
         loss_lm = self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
         return loss_ita, loss_itm, loss_lm

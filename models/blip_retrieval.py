@@ -62,8 +62,9 @@ class BlipRetrieval(nn.Module):
 
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long),
-                             persistent=self.IDX_QUEUE_SAVED)
+        self.register_buffer(
+            "idx_queue", torch.full((1, queue_size), -100, dtype=torch.long), persistent=self.IDX_QUEUE_SAVED
+        )
         self.register_buffer(self.QUEUE_POINTER, torch.zeros(1, dtype=torch.long))
         self.queue_size = queue_size
         self.momentum = momentum

@@ -20,8 +20,13 @@ build_data = retrieval.build_data
 
 
 def build_model(config: Mapping) -> BlipPretrain:
-    return BlipPretrain(config, image_size=config["image_size"], queue_size=config["queue_size"],
-                        momentum=config["momentum"], negative_all_rank=config["negative_all_rank"])
+    return BlipPretrain(
+        config,
+        image_size=config["image_size"],
+        queue_size=config["queue_size"],
+        momentum=config["momentum"],
+        negative_all_rank=config["negative_all_rank"],
+    )
 
 
 class PretrainTask(retrieval.RetrievalTask):

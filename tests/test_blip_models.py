@@ -31,14 +31,34 @@ def write_vocab(path, n_words):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     tok = write_vocab(root / "tok", 140)
-    med = {"hidden_size": WIDTH, "num_hidden_layers": DEPTH, "num_attention_heads": HEADS,
-           "intermediate_size": 4 * WIDTH, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,
-           "attention_probs_dropout_prob": 0.0, "vocab_size": 142, "encoder_width": WIDTH,
-           "add_cross_attention": True, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "initializer_range": 0.02,
-           "pad_token_id": 0, "type_vocab_size": 2}
+    med = {
+        "hidden_size": WIDTH,
+        "num_hidden_layers": DEPTH,
+        "num_attention_heads": HEADS,
+        "intermediate_size": 4 * WIDTH,
+        "max_position_embeddings": 40,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "vocab_size": 142,
+        "encoder_width": WIDTH,
+        "add_cross_attention": True,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+    }
     (root / "med.json").write_text(json.dumps(med))
-    return {"vit": "base", "vit_patch_size": PATCH, "vit_embed_dim": WIDTH, "vit_depth": DEPTH, "vit_heads": HEADS,
-            "vit_drop_path": 0.0, "med_config": str(root / "med.json"), "tokenizer": str(tok)}
+    return {
+        "vit": "base",
+        "vit_patch_size": PATCH,
+        "vit_embed_dim": WIDTH,
+        "vit_depth": DEPTH,
+        "vit_heads": HEADS,
+        "vit_drop_path": 0.0,
+        "med_config": str(root / "med.json"),
+        "tokenizer": str(tok),
+    }
 
 
 def build(task, cfg):
@@ -54,9 +74,20 @@ def build(task, cfg):
 
 
 def layout_sd(task, seed=0):
-    return official_state_dict(task, width=WIDTH, depth=DEPTH, heads=HEADS, mlp=4 * WIDTH, vocab=142,
-                               image_size=SIZE, patch=PATCH, queue_size=QUEUE, embed_dim=EMBED, max_positions=40,
-                               seed=seed)
+    return official_state_dict(
+        task,
+        width=WIDTH,
+        depth=DEPTH,
+        heads=HEADS,
+        mlp=4 * WIDTH,
+        vocab=142,
+        image_size=SIZE,
+        patch=PATCH,
+        queue_size=QUEUE,
+        embed_dim=EMBED,
+        max_positions=40,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("task", ["nlvr", "caption", "vqa", "retrieval", "pretrain"])
@@ -83,8 +114,19 @@ def test_our_pretrain_model_saves_the_official_pretrained_layout(tiny):
     model = build("pretrain", tiny)
     from blip_layout import official_layout
 
-    expected = official_layout("pretrain", width=WIDTH, depth=DEPTH, heads=HEADS, mlp=4 * WIDTH, vocab=142,
-                               image_size=SIZE, patch=PATCH, queue_size=QUEUE, embed_dim=EMBED, max_positions=40)
+    expected = official_layout(
+        "pretrain",
+        width=WIDTH,
+        depth=DEPTH,
+        heads=HEADS,
+        mlp=4 * WIDTH,
+        vocab=142,
+        image_size=SIZE,
+        patch=PATCH,
+        queue_size=QUEUE,
+        embed_dim=EMBED,
+        max_positions=40,
+    )
     expected = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected
@@ -94,8 +136,12 @@ def test_our_pretrain_model_saves_the_official_pretrained_layout(tiny):
 
 
 # Published dense sizes (UPop README, momentum copies included).
-PUBLISHED_M = {"nlvr": (BlipNLVR, 384, 259.45), "caption": (BlipCaption, 384, 224.0),
-               "vqa": (BlipVQA, 480, 361.6), "retrieval": (BlipRetrieval, 384, 447.6)}
+PUBLISHED_M = {
+    "nlvr": (BlipNLVR, 384, 259.45),
+    "caption": (BlipCaption, 384, 224.0),
+    "vqa": (BlipVQA, 480, 361.6),
+    "retrieval": (BlipRetrieval, 384, 447.6),
+}
 
 
 @pytest.mark.parametrize("task", sorted(PUBLISHED_M))

@@ -12,10 +12,23 @@ import pytest
 from data.synthetic import ensure_world
 
 REPO = Path(__file__).resolve().parents[1]
-MED = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-       "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-       "vocab_size": 134, "encoder_width": 32, "add_cross_attention": True, "layer_norm_eps": 1e-12,
-       "hidden_act": "gelu", "initializer_range": 0.02, "pad_token_id": 0, "type_vocab_size": 2}
+MED = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "vocab_size": 134,
+    "encoder_width": 32,
+    "add_cross_attention": True,
+    "layer_norm_eps": 1e-12,
+    "hidden_act": "gelu",
+    "initializer_range": 0.02,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+}
 
 
 def env():
@@ -34,9 +47,20 @@ def setup(tmp_path_factory):
 
 
 def tiny_args(root, out, task):
-    sets = {"world.dir": root / "world", "world.n": 48, "world.image_size": 32, "image_size": 32,
-            "med_config": root / "med.json", "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2,
-            "batch_size_train": 8, "batch_size_test": 8, "warmup_steps": 0, "num_workers": 0}
+    sets = {
+        "world.dir": root / "world",
+        "world.n": 48,
+        "world.image_size": 32,
+        "image_size": 32,
+        "med_config": root / "med.json",
+        "vit_embed_dim": 32,
+        "vit_depth": 1,
+        "vit_heads": 2,
+        "batch_size_train": 8,
+        "batch_size_test": 8,
+        "warmup_steps": 0,
+        "num_workers": 0,
+    }
     if task == "caption":
         sets |= {"meteor": False, "max_length": 8, "min_length": 5, "num_beams": 2}
     if task == "retrieval":
@@ -56,8 +80,12 @@ def run(cmd):
     return p
 
 
-MAIN_METRIC = {"nlvr": ("val", "acc"), "caption": ("val", "CIDEr"), "vqa": ("test", "vqa_acc"),
-               "retrieval": ("val", "r_mean")}
+MAIN_METRIC = {
+    "nlvr": ("val", "acc"),
+    "caption": ("val", "CIDEr"),
+    "vqa": ("test", "vqa_acc"),
+    "retrieval": ("val", "r_mean"),
+}
 
 
 @pytest.mark.slow
@@ -74,8 +102,20 @@ def test_train_then_equal_evaluation_on_one_and_two_processes(setup, tmp_path, t
     ckpt = res["checkpoint"]
     one, two = tmp_path / "eval1", tmp_path / "eval2"
     run([sys.executable, script, *tiny_args(setup, one, task), "--evaluate", "--pretrained", ckpt])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-         *tiny_args(setup, two, task), "--evaluate", "--pretrained", ckpt])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            *tiny_args(setup, two, task),
+            "--evaluate",
+            "--pretrained",
+            ckpt,
+        ]
+    )
     m1 = json.loads((one / "results.json").read_text())["metrics"]
     m2 = json.loads((two / "results.json").read_text())["metrics"]
     assert m1 == m2
