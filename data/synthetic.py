@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 1
+VERSION = 3  # bumped whenever the generator writes different files for the same arguments
 
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -514,10 +514,12 @@ def _caption_splits(world: _World, seed: int, n: int, n_eval: int, family: str) 
 
 
 def _nlvr_splits(world: _World, seed: int, n: int, n_eval: int) -> None:
-    for split, folder, count in (("train", "train", n), ("dev", "dev", n_eval), ("test", "test1", n_eval)):
+    # NLVR2 is the hardest task of the world (counting and comparing across two images), so its training
+    # split gets twice as many image pairs (n, i.e. 2n images) as the other tasks have scenes.
+    for split, folder, pairs in (("train", "train", n), ("dev", "dev", n_eval // 2), ("test", "test1", n_eval // 2)):
         rng = _rng(seed, "nlvr", split)
         entries = []
-        for pair in range(max(1, count // 2)):
+        for pair in range(max(1, pairs)):
             left, right = _random_scene(rng, world.size), _random_scene(rng, world.size)
             paths = [f"{folder}/{folder}-{pair}-0-img{i}.png" for i in (0, 1)]
             world.add(f"nlvr/{paths[0]}", left)

@@ -350,3 +350,31 @@ def copy_momentum_params(model: nn.Module) -> list[str]:
                     )
                 momentum[key].copy_(p)
     return [m for _, m in pairs]
+
+
+def load_vit_weights(vit: nn.Module, path: str | Path, source: str | None = None) -> list[str]:
+    """Initialise a ViT from a classification checkpoint (timm/DeiT layout, or this project's ``compress_
+    classification.py`` output), as BLIP's pre-training starts from an ImageNet ViT.
+
+    The classifier head is dropped and ``pos_embed`` resampled to the model's grid; every other key must
+    match exactly. Returns the dropped keys.
+    """
+    name = source or str(path)
+    sd = unwrap_state_dict(load_checkpoint_file(path), name)
+    dropped = [k for k in sd if k.startswith(("head.", "head_dist.", "fc_norm."))]
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    target = vit.state_dict()
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
+        side = math.isqrt(target["pos_embed"].shape[1] - 1)
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], side)
+    missing = sorted(set(target) - set(sd))
+    unexpected = sorted(set(sd) - set(target))
+    mismatched = [k for k in sd if k in target and sd[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{name} does not fit the ViT: missing {_preview(missing)}, unexpected {_preview(unexpected)}, "
+            f"shape mismatch {_preview(mismatched)}"
+        )
+    vit.load_state_dict(sd)
+    log.info("initialised the ViT from %s (dropped %s)", name, ", ".join(dropped) or "nothing")
+    return dropped

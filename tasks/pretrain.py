@@ -12,21 +12,31 @@ from typing import Any
 import torch
 
 from models.blip_pretrain import BlipPretrain
+from models.checkpoints import load_vit_weights
 from tasks import retrieval
 from tasks.common import blip_loader, model_device
 
-SCHEMA: dict[str, Any] = {**retrieval.SCHEMA, "image_size": 224, "negative_all_rank": False}
+SCHEMA: dict[str, Any] = {
+    **retrieval.SCHEMA,
+    "image_size": 224,
+    "negative_all_rank": False,
+    "vit_init": "",  # a classification checkpoint to start the ViT from (BLIP starts from an ImageNet ViT)
+}
 build_data = retrieval.build_data
 
 
 def build_model(config: Mapping) -> BlipPretrain:
-    return BlipPretrain(
+    model = BlipPretrain(
         config,
         image_size=config["image_size"],
         queue_size=config["queue_size"],
         momentum=config["momentum"],
         negative_all_rank=config["negative_all_rank"],
     )
+    if config["vit_init"]:
+        load_vit_weights(model.visual_encoder, config["vit_init"])
+        model.reset_momentum()
+    return model
 
 
 class PretrainTask(retrieval.RetrievalTask):

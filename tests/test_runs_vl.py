@@ -60,6 +60,7 @@ def tiny_args(root, out, task):
         "batch_size_test": 8,
         "warmup_steps": 0,
         "num_workers": 0,
+        "pretrained": "",
     }
     if task == "caption":
         sets |= {"meteor": False, "max_length": 8, "min_length": 5, "num_beams": 2}

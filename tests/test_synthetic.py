@@ -480,7 +480,7 @@ def test_cli_writes_every_file(tmp_path):
     assert (meta["n"], meta["image_size"], meta["seed"]) == (200, 64, 0)
     assert all((out / rel).is_file() for rel in meta["files"])
     assert meta["files"]["annotation/coco_karpathy_val.json"] == 50
-    assert meta["files"]["annotation/nlvr_train.json"] == 400
+    assert meta["files"]["annotation/nlvr_train.json"] == 800  # n image pairs x 2 true/false statement pairs
     assert len(list((out / "imagenet" / "train").rglob("*.JPEG"))) == 12 * (200 // 12)
 
 

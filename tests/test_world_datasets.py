@@ -60,7 +60,7 @@ def test_nlvr(world):
     for ds in (train, val, test):
         im0, im1, sentence, label = ds[0]
         assert image_ok(im0) and image_ok(im1) and isinstance(sentence, str) and label in (0, 1)
-    assert len(train) == 400
+    assert len(train) == 800  # n = 200 training pairs, 4 statements each
 
 
 @pytest.mark.parametrize(
