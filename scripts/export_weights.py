@@ -1,6 +1,7 @@
 """Strip a training checkpoint down to its model weights (optionally fp16), for shipping or release.
 
-    python scripts/export_weights.py output/demo/pretrain/checkpoint_best.pth checkpoints/demo/blip_tiny_pretrain.pth --half
+    python scripts/export_weights.py output/demo/pretrain/checkpoint_best.pth \
+        checkpoints/demo/blip_tiny_pretrain.pth --half
 
 Tensors that share storage in the model (tied or shared modules) stay shared in the output file.
 """
