@@ -45,6 +45,22 @@ class TaskSpec:
     build_task: Callable[[dict, Any], Any]  # (config, train_loader) -> Task
     load_pretrained: Callable[[torch.nn.Module, str, dict], None] | None = None
 
+    @classmethod
+    def from_module(cls, module: Any, default_config: str, demo_config: str, description: str) -> TaskSpec:
+        """A spec from a ``tasks.<name>`` module defining SCHEMA, build_data, build_model, build_task and
+        (optionally) load_pretrained."""
+        return cls(
+            name=module.__name__.rsplit(".", 1)[-1],
+            description=description.strip().splitlines()[0],
+            schema=module.SCHEMA,
+            default_config=default_config,
+            demo_config=demo_config,
+            build_data=module.build_data,
+            build_model=module.build_model,
+            build_task=module.build_task,
+            load_pretrained=getattr(module, "load_pretrained", None),
+        )
+
 
 def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     from pruners import PRUNERS

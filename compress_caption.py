@@ -5,19 +5,9 @@ torchrun --nproc_per_node=8 compress_caption.py --config configs/caption_coco.ya
 """
 
 import cli
-from tasks import caption as t
+from tasks import caption
 
-SPEC = cli.TaskSpec(
-    name="caption",
-    description=__doc__.splitlines()[0],
-    schema=t.SCHEMA,
-    default_config="configs/caption_coco.yaml",
-    demo_config="configs/demo/caption.yaml",
-    build_data=t.build_data,
-    build_model=t.build_model,
-    build_task=t.build_task,
-    load_pretrained=t.load_pretrained,
-)
+SPEC = cli.TaskSpec.from_module(caption, "configs/caption_coco.yaml", "configs/demo/caption.yaml", __doc__)
 
 if __name__ == "__main__":
     cli.main(SPEC)

@@ -5,18 +5,10 @@ torchrun --nproc_per_node=8 compress_classification.py --config configs/deit_ima
 """
 
 import cli
-from tasks import classification as t
+from tasks import classification
 
-SPEC = cli.TaskSpec(
-    name="classification",
-    description=__doc__.splitlines()[0],
-    schema=t.SCHEMA,
-    default_config="configs/deit_imagenet.yaml",
-    demo_config="configs/demo/classification.yaml",
-    build_data=t.build_data,
-    build_model=t.build_model,
-    build_task=t.build_task,
-    load_pretrained=t.load_pretrained,
+SPEC = cli.TaskSpec.from_module(
+    classification, "configs/deit_imagenet.yaml", "configs/demo/classification.yaml", __doc__
 )
 
 if __name__ == "__main__":

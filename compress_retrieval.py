@@ -5,19 +5,9 @@ torchrun --nproc_per_node=8 compress_retrieval.py --config configs/retrieval_coc
 """
 
 import cli
-from tasks import retrieval as t
+from tasks import retrieval
 
-SPEC = cli.TaskSpec(
-    name="retrieval",
-    description=__doc__.splitlines()[0],
-    schema=t.SCHEMA,
-    default_config="configs/retrieval_coco.yaml",
-    demo_config="configs/demo/retrieval.yaml",
-    build_data=t.build_data,
-    build_model=t.build_model,
-    build_task=t.build_task,
-    load_pretrained=t.load_pretrained,
-)
+SPEC = cli.TaskSpec.from_module(retrieval, "configs/retrieval_coco.yaml", "configs/demo/retrieval.yaml", __doc__)
 
 if __name__ == "__main__":
     cli.main(SPEC)

@@ -4,19 +4,9 @@ python pretrain.py --demo
 """
 
 import cli
-from tasks import pretrain as t
+from tasks import pretrain
 
-SPEC = cli.TaskSpec(
-    name="pretrain",
-    description=__doc__.splitlines()[0],
-    schema=t.SCHEMA,
-    default_config="configs/demo/pretrain.yaml",
-    demo_config="configs/demo/pretrain.yaml",
-    build_data=t.build_data,
-    build_model=t.build_model,
-    build_task=t.build_task,
-    load_pretrained=t.load_pretrained,
-)
+SPEC = cli.TaskSpec.from_module(pretrain, "configs/demo/pretrain.yaml", "configs/demo/pretrain.yaml", __doc__)
 
 if __name__ == "__main__":
     cli.main(SPEC)

@@ -82,6 +82,13 @@ def tokenize(tokenizer, text: list[str], device: torch.device, *, first: int | N
     return out
 
 
+def lm_targets(tokenizer, ids: Tensor, prompt_length: int = 0) -> Tensor:
+    """Decoder labels: padding and the first ``prompt_length`` positions are ignored (-100)."""
+    targets = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    targets[:, :prompt_length] = -100
+    return targets
+
+
 @torch.no_grad()
 def concat_all_gather(x: Tensor) -> Tensor:
     """All ranks' tensors concatenated along dim 0 (no gradient); the tensor itself when not distributed."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, med_config, tokenize
+from models.blip import build_tokenizer, create_vit, lm_targets, med_config, tokenize
 from models.med import BertLMHeadModel
 
 
@@ -40,8 +40,7 @@ class BlipCaption(nn.Module):
             truncation=True,
             max_length=40,
         )
-        targets = text.input_ids.masked_fill(text.input_ids == self.tokenizer.pad_token_id, -100)
-        targets[:, : self.prompt_length] = -100
+        targets = lm_targets(self.tokenizer, text.input_ids, self.prompt_length)
         return self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
 
     @torch.no_grad()

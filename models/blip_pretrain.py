@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.blip import med_config, tokenize
+from models.blip import lm_targets, med_config, tokenize
 from models.blip_retrieval import BlipRetrieval
 from models.med import BertLMHeadModel, BertOnlyMLMHead
 
@@ -37,8 +37,7 @@ class BlipPretrain(BlipRetrieval):
 
     def forward(self, image: Tensor, caption: list[str], alpha: float, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(ITC, ITM, LM) losses; ``idx`` identifies images so that captions of one image are positives."""
-        loss_ita, loss_itm = super().forward(image, caption, alpha, idx)
-        embeds = self.visual_encoder.forward_features(image)
+        loss_ita, loss_itm, embeds = self.contrastive_losses(image, caption, alpha, idx)
         atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
         text = tokenize(
             self.tokenizer,
@@ -49,7 +48,7 @@ class BlipPretrain(BlipRetrieval):
             truncation=True,
             max_length=30,
         )
-        targets = text.input_ids.masked_fill(text.input_ids == self.tokenizer.pad_token_id, -100)
+        targets = lm_targets(self.tokenizer, text.input_ids)
         loss_lm = self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
         return loss_ita, loss_itm, loss_lm
 

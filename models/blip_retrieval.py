@@ -106,6 +106,13 @@ class BlipRetrieval(nn.Module):
     # ------------------------------------------------------------------------------------------ training
     def forward(self, image: Tensor, caption: list[str], alpha: float, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (ITC loss, ITM loss) for a batch of images, their captions and image indices."""
+        loss_ita, loss_itm, _ = self.contrastive_losses(image, caption, alpha, idx)
+        return loss_ita, loss_itm
+
+    def contrastive_losses(
+        self, image: Tensor, caption: list[str], alpha: float, idx: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(ITC loss, ITM loss, image token embeddings), the embeddings for objectives built on top."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_embeds, image_feat = self.image_features(image)
@@ -180,7 +187,7 @@ class BlipRetrieval(nn.Module):
         logits = self.itm_head(cls)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
         loss_itm = F.cross_entropy(logits.float(), labels)
-        return loss_ita, loss_itm
+        return loss_ita, loss_itm, image_embeds
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, idxs: Tensor) -> None:

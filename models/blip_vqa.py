@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, med_config, tokenize
+from models.blip import build_tokenizer, create_vit, lm_targets, med_config, tokenize
 from models.med import BertLMHeadModel, BertModel
 
 
@@ -49,7 +49,7 @@ class BlipVQA(nn.Module):
         summed label-smoothed LM loss is weighted and averaged over questions."""
         states, q_mask = self.encode_question(image, question)
         a = self._answers(answer, image.device)
-        targets = a.input_ids.masked_fill(a.input_ids == self.tokenizer.pad_token_id, -100)
+        targets = lm_targets(self.tokenizer, a.input_ids)
         counts = torch.as_tensor(n, device=image.device)
         states = states.repeat_interleave(counts, dim=0)
         q_mask = q_mask.repeat_interleave(counts, dim=0)
@@ -74,7 +74,7 @@ class BlipVQA(nn.Module):
 
         cand_ids = ids.index_select(0, topk_ids.reshape(-1))
         cand_atts = atts.index_select(0, topk_ids.reshape(-1))
-        targets = cand_ids.masked_fill(cand_ids == self.tokenizer.pad_token_id, -100)
+        targets = lm_targets(self.tokenizer, cand_ids)
         states_k = states.repeat_interleave(k, dim=0)
         q_mask_k = q_mask.repeat_interleave(k, dim=0)
         loss = self.text_decoder(cand_ids, cand_atts, states_k, q_mask_k, labels=targets, reduction="none").loss

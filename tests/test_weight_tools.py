@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def vit(img_size, num_classes=0):
     torch.manual_seed(img_size + num_classes)
-    return VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=num_classes)
+    return VisionTransformer(
+        img_size=img_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes
+    )
 
 
 def test_vit_init_drops_head_and_resamples(tmp_path):
@@ -44,8 +45,12 @@ def test_export_keeps_shared_tensors_and_halves(tmp_path):
     sd = {"a.weight": shared, "b.weight": shared, "c": torch.arange(3)}
     src, dst = tmp_path / "ckpt.pth", tmp_path / "w.pth"
     torch.save({"model": sd, "optimizer": {}, "rng": []}, src)
-    subprocess.run([sys.executable, "scripts/export_weights.py", str(src), str(dst), "--half"], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/export_weights.py", str(src), str(dst), "--half"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     out = torch.load(dst, weights_only=True)
     assert set(out) == {"model"}
     m = out["model"]
