@@ -134,6 +134,12 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
         world = config["world"]
         config = _substitute(config, "${world}", str(_abs(world["dir"])))
     config["_source"] = str(path)
+    # Files shipped with the repository (med_config.json, the demo checkpoint) are found from any cwd.
+    for key in ("pretrained", "med_config", "tokenizer", "vit_init"):
+        value = config.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
+            if (REPO / value).exists():
+                config[key] = str(REPO / value)
     return config
 
 
