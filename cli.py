@@ -129,7 +129,7 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
         if "p" not in schema:
             raise ConfigError(f"--p is given but task {spec.name} has no pruning ratio key 'p'")
         flags["p"] = args.p
-    config = load_config(path, schema, args.overrides, base=flags)
+    config = load_config(path, schema, args.overrides, flags=flags)
     if args.demo:
         world = config["world"]
         config = _substitute(config, "${world}", str(_abs(world["dir"])))

@@ -168,11 +168,12 @@ def apply_overrides(config: dict, overrides: Iterable[str], schema: Mapping | No
 
 
 def load_config(
-    path: str | Path | None, schema: Mapping, overrides: Iterable[str] = (), base: Mapping | None = None
+    path: str | Path | None, schema: Mapping, overrides: Iterable[str] = (), flags: Mapping | None = None
 ) -> dict:
-    """Read ``path`` (optional), patch with ``base`` then ``overrides``, validate against ``schema``."""
+    """Read ``path`` (optional), patch with ``overrides`` (``--set``) then ``flags`` (dedicated command-line
+    flags such as ``--pretrained``, which are the more specific), validate against ``schema``."""
     raw = load_yaml(path) if path is not None else {}
-    if base:
-        raw = {**raw, **base}
     raw = apply_overrides(raw, overrides, schema)
+    if flags:
+        raw = {**raw, **flags}
     return validate(raw, schema, source=str(path) if path is not None else "")

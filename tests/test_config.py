@@ -102,3 +102,9 @@ def test_dump_round_trip(tmp_path):
     cfg = validate({"max_epoch": 3}, SCHEMA)
     dump_yaml(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml", SCHEMA) == cfg
+
+
+def test_flags_take_precedence_over_set(tmp_path):
+    p = write(tmp_path, "max_epoch: 2\n")
+    cfg = load_config(p, SCHEMA, ["max_epoch=7", "pretrained=a.pth"], flags={"pretrained": "b.pth"})
+    assert cfg["max_epoch"] == 7 and cfg["pretrained"] == "b.pth"
