@@ -83,6 +83,11 @@ def attention(
     return torch.matmul(dropped, v), probs
 
 
+def sliced_mask(mask: Tensor | None, keep: Tensor) -> Tensor | None:
+    """A mask slot cut down to the kept entries (detached: a pruner that still trains it sets it again)."""
+    return None if mask is None else mask.detach()[keep.to(mask.device)].clone()
+
+
 def slice_linear(linear: nn.Linear, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> None:
     """Keep only the rows ``out_idx`` (and their bias entries) and columns ``in_idx`` of ``linear``.
 
@@ -330,10 +335,9 @@ class Attention(_SlotModule):
         """
         keep = _as_index(idx, self.head_dim, "head dim")
         cols = self._slice(torch.arange(self.num_heads), keep)
-        old_mask = self.head_dim_mask
+        mask = sliced_mask(self.head_dim_mask, keep)
         self.head_dim = keep.numel()
-        if old_mask is not None:
-            self.head_dim_mask = old_mask.detach()[keep.to(old_mask.device)].clone()
+        self.head_dim_mask = mask
         if rescale:
             self.scale = self.head_dim**-0.5
         return cols
@@ -342,10 +346,9 @@ class Attention(_SlotModule):
         """Keep whole heads ``idx`` in place; like :meth:`keep_head_dims`, returns the kept columns."""
         keep = _as_index(idx, self.num_heads, "head")
         cols = self._slice(keep, torch.arange(self.head_dim))
-        old_mask = self.head_mask
+        mask = sliced_mask(self.head_mask, keep)
         self.num_heads = keep.numel()
-        if old_mask is not None:
-            self.head_mask = old_mask.detach()[keep.to(old_mask.device)].clone()
+        self.head_mask = mask
         return cols
 
     def param_cost(self, kind: str) -> int:
@@ -411,10 +414,9 @@ class Mlp(_SlotModule):
         keep = _as_index(idx, self.hidden, "neuron")
         slice_linear(self.fc1, out_idx=keep)
         slice_linear(self.fc2, in_idx=keep)
-        old_mask = self.neuron_mask
+        mask = sliced_mask(self.neuron_mask, keep)
         self.hidden = keep.numel()
-        if old_mask is not None:
-            self.neuron_mask = old_mask.detach()[keep.to(old_mask.device)].clone()
+        self.neuron_mask = mask
 
     def param_cost(self, kind: str = "neuron") -> int:
         """Parameters removed with one hidden neuron."""

@@ -45,6 +45,7 @@ from .layers import (
     _SlotModule,
     module_units,
     slice_linear,
+    sliced_mask,
 )
 
 __all__ = [
@@ -424,10 +425,9 @@ class BertIntermediate(_SlotModule):
         slice_linear(self.dense, out_idx=keep)
         if self._output_dense is not None:
             slice_linear(self._output_dense, in_idx=keep)
-        old_mask = self.neuron_mask
+        mask = sliced_mask(self.neuron_mask, keep)
         self.hidden = keep.numel()
-        if old_mask is not None:
-            self.neuron_mask = old_mask.detach()[keep.to(old_mask.device)].clone()
+        self.neuron_mask = mask
 
     def param_cost(self, kind: str = "neuron") -> int:
         if kind != "neuron":
