@@ -1,4 +1,4 @@
-"""BLIP image captioning: ViT + MED decoder with a text prompt (spec: foundation §1.3 Captioning)."""
+"""BLIP image captioning: ViT + MED decoder with a text prompt."""
 
 from __future__ import annotations
 

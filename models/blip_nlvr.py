@@ -1,4 +1,4 @@
-"""BLIP for NLVR2: two images, one sentence, true/false (spec: foundation §1.3 NLVR2)."""
+"""BLIP for NLVR2: two images, one sentence, true/false."""
 
 from __future__ import annotations
 

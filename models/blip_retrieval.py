@@ -1,5 +1,5 @@
 """BLIP for image-text retrieval: ITC with momentum distillation and queues, ITM with hard negatives,
-and the helpers of k_test re-ranking evaluation (spec: foundation §1.3 Retrieval)."""
+and the helpers of k_test re-ranking evaluation."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """BLIP for VQA: image-grounded question encoder + answer decoder; answers are ranked over a candidate
-list or generated (spec: foundation §1.3 VQA, traps 3 and 10)."""
+list or generated (as in BLIP's blip_vqa.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class BlipVQA(nn.Module):
         self, image: Tensor, question: list[str], num_beams: int = 3, max_length: int = 10, min_length: int = 1
     ) -> list[str]:
         states, q_mask = self.encode_question(image, question)
-        all_ones = torch.ones_like(states[..., 0], dtype=torch.long)  # trap 10: padding is not masked here
+        all_ones = torch.ones_like(states[..., 0], dtype=torch.long)  # BLIP does not mask question padding here
         start = torch.full((states.shape[0], 1), self.tokenizer.bos_token_id, dtype=torch.long, device=image.device)
         out = self.text_decoder.generate(
             start,
