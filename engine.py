@@ -139,9 +139,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over all trainable model parameters (the seeds' recipe) plus the pruner's groups."""
-        pruner_params = {id(p) for g in self._pruner_groups() for p in g["params"]}
+        pruner_groups = self._pruner_groups()
+        pruner_params = {id(p) for g in pruner_groups for p in g["params"]}
         params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in pruner_params]
-        groups = [{"params": params, "weight_decay": self.cfg.weight_decay}] + self._pruner_groups()
+        groups = [{"params": params, "weight_decay": self.cfg.weight_decay}, *pruner_groups]
         return torch.optim.AdamW(groups, lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
 
     def _pruner_groups(self) -> list[dict]:
@@ -247,12 +248,12 @@ class Engine:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         keys = sorted(sums)
-        totals = utils.all_reduce_sum([sums[k] for k in keys] + [count], self._reduce_device())
+        totals = utils.all_reduce_sum([sums[k] for k in keys] + [count])
         return {k: totals[j] / max(totals[-1], 1) for j, k in enumerate(keys)}
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         # Reduced over ranks so that every rank stops together instead of hanging in the next all-reduce.
-        finite = utils.all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], self._reduce_device())
+        finite = utils.all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         if finite[0] > 0:
             kept = self.output_dir / CHECKPOINT_LAST
             kept_msg = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
@@ -260,9 +261,6 @@ class Engine:
                 f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
                 f"(optimizer step {self.state.global_step}); stopping, {kept_msg}"
             )
-
-    def _reduce_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

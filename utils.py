@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: Iterable[float], device: torch.device | str = "cpu") -> list[float]:
-    """Sum a few numbers over ranks (float64, so counts stay exact)."""
+def all_reduce_sum(values: Iterable[float]) -> list[float]:
+    """Sum a few numbers over ranks (float64, so counts stay exact), on the device the backend needs."""
+    nccl = is_dist() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     if is_dist():
         dist.all_reduce(t)
@@ -267,7 +270,7 @@ class LRSchedule:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr, honouring a group's ``lr_scale`` (pruner groups use their own rates)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0) if not group.get("fixed_lr") else group["lr"]
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,13 +281,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or of the wrong layout; the message names the file."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[Any]:
+    """An open binary file in ``path``'s folder that replaces ``path`` only once fully written and
+    synced: a crash never leaves half a file, and an earlier file stays intact until then."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -293,18 +299,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

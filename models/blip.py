@@ -89,6 +89,14 @@ def lm_targets(tokenizer, ids: Tensor, prompt_length: int = 0) -> Tensor:
     return targets
 
 
+def decoder_batch(tokenizer, text: list[str], device: torch.device, max_length: int, prompt_length: int = 0):
+    """Decoder inputs for LM training ([DEC] first, padded to the longest, truncated) and their labels."""
+    tokens = tokenize(
+        tokenizer, text, device, first=tokenizer.bos_token_id, padding="longest", truncation=True, max_length=max_length
+    )
+    return tokens, lm_targets(tokenizer, tokens.input_ids, prompt_length)
+
+
 @torch.no_grad()
 def concat_all_gather(x: Tensor) -> Tensor:
     """All ranks' tensors concatenated along dim 0 (no gradient); the tensor itself when not distributed."""

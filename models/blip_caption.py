@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, lm_targets, med_config, tokenize
+from models.blip import build_tokenizer, create_vit, decoder_batch, med_config, tokenize
 from models.med import BertLMHeadModel
 
 
@@ -31,16 +31,7 @@ class BlipCaption(nn.Module):
     def forward(self, image: Tensor, caption: list[str]) -> Tensor:
         """Label-smoothed LM loss (token mean) of ``caption`` (which already starts with the prompt)."""
         embeds, atts = self._image(image)
-        text = tokenize(
-            self.tokenizer,
-            caption,
-            image.device,
-            first=self.tokenizer.bos_token_id,
-            padding="longest",
-            truncation=True,
-            max_length=40,
-        )
-        targets = lm_targets(self.tokenizer, text.input_ids, self.prompt_length)
+        text, targets = decoder_batch(self.tokenizer, caption, image.device, 40, self.prompt_length)
         return self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.blip import lm_targets, med_config, tokenize
+from models.blip import decoder_batch, med_config
 from models.blip_retrieval import BlipRetrieval
 from models.med import BertLMHeadModel, BertOnlyMLMHead
 
@@ -39,16 +39,7 @@ class BlipPretrain(BlipRetrieval):
         """(ITC, ITM, LM) losses; ``idx`` identifies images so that captions of one image are positives."""
         loss_ita, loss_itm, embeds = self.contrastive_losses(image, caption, alpha, idx)
         atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
-        text = tokenize(
-            self.tokenizer,
-            caption,
-            image.device,
-            first=self.tokenizer.bos_token_id,
-            padding="longest",
-            truncation=True,
-            max_length=30,
-        )
-        targets = lm_targets(self.tokenizer, text.input_ids)
+        text, targets = decoder_batch(self.tokenizer, caption, image.device, 30)
         loss_lm = self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
         return loss_ita, loss_itm, loss_lm
 

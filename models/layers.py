@@ -83,6 +83,13 @@ def attention(
     return torch.matmul(dropped, v), probs
 
 
+def checkpoint_last_blocks(blocks: Sequence[nn.Module], enable: bool = True, last_k: int | None = None) -> None:
+    """Checkpoint the last ``last_k`` of ``blocks`` (all when ``None``), as BLIP's ``vit_ckpt_layer``."""
+    first = 0 if last_k is None else len(blocks) - last_k
+    for i, block in enumerate(blocks):
+        block.grad_checkpointing = enable and i >= first
+
+
 def sliced_mask(mask: Tensor | None, keep: Tensor) -> Tensor | None:
     """A mask slot cut down to the kept entries (detached: a pruner that still trains it sets it again)."""
     return None if mask is None else mask.detach()[keep.to(mask.device)].clone()

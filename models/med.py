@@ -43,6 +43,7 @@ from .layers import (
     Unit,
     _as_index,
     _SlotModule,
+    checkpoint_last_blocks,
     module_units,
     slice_linear,
     sliced_mask,
@@ -683,10 +684,7 @@ class BertModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True, last_k: int | None = None) -> None:
         """Checkpoint the branches of the last ``last_k`` layers (all when ``None``)."""
-        depth = len(self.layers)
-        first = 0 if last_k is None else depth - last_k
-        for i, layer in enumerate(self.layers):
-            layer.grad_checkpointing = enable and i >= first
+        checkpoint_last_blocks(self.layers, enable, last_k)
 
     def block_widths(self) -> dict[str, list[Any]]:
         """Per-layer widths; passed back to the constructor they rebuild this architecture."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Block, Unit, module_units
+from .layers import Block, Unit, checkpoint_last_blocks, module_units
 
 __all__ = ["PatchEmbed", "VisionTransformer", "prunable_units", "resample_pos_embed", "vit_config"]
 
@@ -191,10 +191,7 @@ class VisionTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True, last_k: int | None = None) -> None:
         """Checkpoint the attention and MLP of the last ``last_k`` blocks (all when ``None``)."""
-        depth = len(self.blocks)
-        first = 0 if last_k is None else depth - last_k
-        for i, block in enumerate(self.blocks):
-            block.grad_checkpointing = enable and i >= first
+        checkpoint_last_blocks(self.blocks, enable, last_k)
 
     def block_widths(self) -> dict[str, list[int]]:
         """Per-block widths; passed back to the constructor they rebuild this architecture."""

@@ -84,7 +84,7 @@ class ClassificationTask:
             correct1 += float((top[:, 0] == labels).sum())
             correct5 += float((top == labels[:, None]).any(dim=1).sum())
             total += labels.numel()
-        c1, c5, n = utils.all_reduce_sum([correct1, correct5, total], device if device.type == "cuda" else "cpu")
+        c1, c5, n = utils.all_reduce_sum([correct1, correct5, total])
         return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
 
 

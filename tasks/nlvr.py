@@ -50,7 +50,7 @@ class NLVRTask:
             logits = model(torch.cat([image0, image1]).to(device), list(text))
             correct += float((logits.argmax(1).cpu() == targets).sum())
             total += targets.numel()
-        c, n = utils.all_reduce_sum([correct, total], device if device.type == "cuda" else "cpu")
+        c, n = utils.all_reduce_sum([correct, total])
         return {"acc": 100.0 * c / max(n, 1), "n": int(n)}
 
 
