@@ -71,7 +71,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Runs as plain `python` on one device (CPU included) or under "
-            "`torchrun --nproc_per_node=N`.\n"
+            "`torchrun --nproc_per_node=N -- compress_<task>.py ...`\n"
+            "(the `--` stops torchrun from reading --p as an abbreviation of its own flags).\n"
             "Every run writes <output_dir>/config.yaml, log.jsonl (one line per epoch), "
             "checkpoint_last.pth (every epoch),\ncheckpoint_best.pth and results.json."
         ),
@@ -107,11 +108,44 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, typed, repeatable (e.g. --set init_lr=1e-5 --set world.n=200)",
     )
+    # Each pruner's own flags (the seeds' names), shortcuts for keys of its config section.
+    for name, cls in sorted(PRUNERS.items()):
+        if cls is None or not cls.FLAGS:
+            continue
+        group = p.add_argument_group(f"--pruner {name}")
+        for flag, (key, kind, text) in cls.FLAGS.items():
+            group.add_argument(
+                flag,
+                dest=_flag_dest(flag),
+                type=kind,
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=f"{text} ({key})",
+            )
     return p
 
 
+def _flag_dest(flag: str) -> str:
+    return "pruner_flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def _pruner_flags(args: argparse.Namespace) -> list[str]:
+    """``--set`` items for the pruner flags given on the command line (applied after --set: more specific)."""
+    from pruners import PRUNERS
+
+    items = []
+    for cls in PRUNERS.values():
+        for flag, (key, _, _) in (cls.FLAGS if cls is not None else {}).items():
+            value = getattr(args, _flag_dest(flag), None)
+            if value is not None:
+                items.append(f"{key}={value}")
+    return items
+
+
 def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
-    schema = {**COMMON_DEFAULTS, **spec.schema}
+    from pruners import PRUNER_DEFAULTS
+
+    schema = {**COMMON_DEFAULTS, **PRUNER_DEFAULTS, **spec.schema}
     path = args.config or (spec.demo_config if args.demo else spec.default_config)
     path = Path(path)
     if not path.is_absolute() and not path.exists():
@@ -126,16 +160,17 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
     if args.seed is not None:
         flags["seed"] = args.seed
     if args.p is not None:
-        if "p" not in schema:
-            raise ConfigError(f"--p is given but task {spec.name} has no pruning ratio key 'p'")
         flags["p"] = args.p
-    config = load_config(path, schema, args.overrides, flags=flags)
+    config = load_config(path, schema, [*args.overrides, *_pruner_flags(args)], flags=flags)
+    if getattr(args, "pruner", "none") != "none" and args.pretrained is None and config["pruner_pretrained"]:
+        # Pruners start from the task-fine-tuned dense model, not from the pre-trained one.
+        config["pretrained"] = config["pruner_pretrained"]
     if args.demo:
         world = config["world"]
         config = _substitute(config, "${world}", str(_abs(world["dir"])))
     config["_source"] = str(path)
     # Files shipped with the repository (med_config.json, the demo checkpoint) are found from any cwd.
-    for key in ("pretrained", "med_config", "tokenizer", "vit_init"):
+    for key in ("pretrained", "pruner_pretrained", "med_config", "tokenizer", "vit_init"):
         value = config.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
             if (REPO / value).exists():
@@ -236,6 +271,8 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         }
     else:
         results = engine.fit(train_loader, eval_loaders, resume=args.resume)
+        if pruner is not None and pruner.compressed:
+            results["compressed_checkpoint"] = _export_compressed(Path(results["checkpoint"]), output_dir)
     results = {
         "task": spec.name,
         "pruner": args.pruner,
@@ -249,4 +286,33 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
     }
     utils.write_json(output_dir / "results.json", results)
     log.info("results: %s", results["metrics"])
+    if results.get("dense"):
+        log.info("%s", _comparison(results))
     return results
+
+
+def _export_compressed(best: Path, output_dir: Path) -> str:
+    """The best compressed model as ``model_compressed.safetensors`` + ``.json`` (+ ``.pth``)."""
+    from models.arch import read_weights, save_compressed
+
+    stem = output_dir / "model_compressed"
+    if utils.is_main_process():
+        sd, arch = read_weights(best)
+        save_compressed(stem, sd, arch)
+    utils.barrier()
+    return str(stem.with_suffix(".safetensors"))
+
+
+def _comparison(results: Mapping[str, Any]) -> str:
+    """Dense against pruned, one line per quantity, for the end of a pruning run."""
+    dense, rows = results["dense"], []
+    for split, metrics in results["metrics"].items():
+        for key, value in metrics.items():
+            before = dense.get("metrics", {}).get(split, {}).get(key)
+            if isinstance(value, float) and isinstance(before, float):
+                rows.append(f"  {split} {key}: dense {before:.4g} -> pruned {value:.4g} ({value - before:+.4g})")
+    for key in ("params", "flops", "macs", "latency_ms"):
+        if key in dense and key in results:
+            a, b = dense[key], results[key]
+            rows.append(f"  {key}: dense {a:.4g} -> pruned {b:.4g} (x{b / a:.3f})" if a else f"  {key}: {a} -> {b}")
+    return "dense vs pruned:\n" + "\n".join(rows)

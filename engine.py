@@ -54,7 +54,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class StepInfo:
-    epoch: int
+    epoch: int  # epoch within the phase (search or train): the seeds restart per-epoch ramps in each
     step: int  # micro-batch index within the epoch
     steps_per_epoch: int  # micro-batches per epoch
     global_step: int  # optimizer steps taken so far
@@ -95,6 +95,24 @@ class EngineConfig:
         return cls(**{k: config[k] for k in names if k in config})
 
 
+@dataclass(frozen=True)
+class Phase:
+    """Where an epoch falls: ``search`` (a pruner's search, before compression) or ``train``."""
+
+    name: str
+    epoch: int  # epoch index within the phase
+    last: bool  # the phase's last epoch
+    step_offset: int  # optimizer steps taken before the phase
+    total_steps: int  # optimizer steps in the phase
+
+    @classmethod
+    def of(cls, epoch: int, search: int, train: int, steps_per_epoch: int) -> Phase:
+        if epoch < search:
+            return cls("search", epoch, epoch == search - 1, 0, search * steps_per_epoch)
+        e = epoch - search
+        return cls("train", e, e == train - 1, search * steps_per_epoch, train * steps_per_epoch)
+
+
 @dataclass
 class TrainState:
     epoch: int = -1  # last finished epoch
@@ -103,6 +121,7 @@ class TrainState:
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)  # the model a pruner started from: metrics, params
 
 
 class Engine:
@@ -126,15 +145,33 @@ class Engine:
                 raise ValueError(f"grad_checkpointing is on but {type(model).__name__} has no set_grad_checkpointing()")
             self.model.set_grad_checkpointing(True)
         self.ddp_model: torch.nn.Module = self.model
-        if dist_info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        self._wrap()
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
         use_scaler = cfg.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.optimizer = self._build_optimizer()
         self.state = TrainState()
         self._train_loader = None
+        # A pruner with a search phase (UPop) trains with it for search_epochs, compresses the model,
+        # then retrains the smaller model for max_epoch epochs; other pruners act during training.
+        self.search_epochs = int(getattr(pruner, "search_epochs", 0) or 0) if pruner is not None else 0
+
+    def _wrap(self) -> None:
+        self.ddp_model = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
+
+    def _compressed(self) -> bool:
+        return bool(getattr(self.pruner, "compressed", False))
+
+    def compress(self) -> None:
+        """End of the search: the pruner slices the model; DDP and a fresh optimizer are rebuilt around it."""
+        self.pruner.compress(self.model)
+        self.model.to(self.device)
+        self._wrap()
+        self.optimizer = self._build_optimizer()
+        self.state.best_value, self.state.best_epoch, self.state.best_metrics = -math.inf, -1, {}
 
     # ------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -146,7 +183,7 @@ class Engine:
         return torch.optim.AdamW(groups, lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
 
     def _pruner_groups(self) -> list[dict]:
-        if self.pruner is None or not hasattr(self.pruner, "param_groups"):
+        if self.pruner is None or self._compressed():
             return []
         return list(self.pruner.param_groups())
 
@@ -155,64 +192,82 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def fit(self, train_loader, eval_loaders: Mapping[str, Any], resume: str | Path | None = None) -> dict:
-        """Train for ``max_epoch`` epochs, evaluating every ``eval_every`` epochs and at the end."""
+        """Train for ``max_epoch`` epochs (after ``search_epochs`` of pruner search, if the pruner has one),
+        evaluating every ``eval_every`` epochs, after compression and at the end."""
         self._train_loader = train_loader
         if resume:
             self.load_checkpoint(resume)
+        elif self.pruner is not None and not self.state.dense:
+            # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
+            self.state.dense = {"metrics": self.evaluate(eval_loaders), "params": utils.count_parameters(self.model)}
+            log.info("dense model before pruning: %s", _fmt(self.state.dense))
         micro_per_epoch = len(train_loader)
         if micro_per_epoch == 0:
             raise ValueError("the training loader is empty (dataset smaller than one batch with drop_last?)")
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
-        schedule = utils.LRSchedule(
-            init_lr=self.cfg.init_lr,
-            min_lr=self.cfg.min_lr,
-            max_epoch=self.cfg.max_epoch,
-            steps_per_epoch=steps_per_epoch,
-            warmup_steps=self.cfg.warmup_steps,
-            warmup_lr=self.cfg.warmup_lr,
-            per_step=self.cfg.lr_per_step,
-            kind=self.cfg.lr_schedule,
-        )
-        total_steps = steps_per_epoch * self.cfg.max_epoch
-        for epoch in range(self.state.epoch + 1, self.cfg.max_epoch):
+        search = self.search_epochs
+        schedules = {
+            # The seeds search at a constant learning rate, then retrain with a fresh cosine schedule.
+            "search": utils.LRSchedule(self.cfg.init_lr, self.cfg.init_lr, search, steps_per_epoch, kind="constant"),
+            "train": utils.LRSchedule(
+                init_lr=self.cfg.init_lr,
+                min_lr=self.cfg.min_lr,
+                max_epoch=self.cfg.max_epoch,
+                steps_per_epoch=steps_per_epoch,
+                warmup_steps=self.cfg.warmup_steps,
+                warmup_lr=self.cfg.warmup_lr,
+                per_step=self.cfg.lr_per_step,
+                kind=self.cfg.lr_schedule,
+            ),
+        }
+        for epoch in range(self.state.epoch + 1, search + self.cfg.max_epoch):
             t0 = time.time()
+            phase = Phase.of(epoch, search, self.cfg.max_epoch, steps_per_epoch)
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            train_stats = self._train_epoch(train_loader, epoch, schedule, accum, total_steps)
-            if self.pruner is not None and hasattr(self.pruner, "epoch_end"):
+            pruning = self.pruner is not None and (phase.name == "search" or search == 0)
+            train_stats = self._train_epoch(train_loader, epoch, phase, schedules[phase.name], accum, pruning)
+            if pruning:
                 self.pruner.epoch_end(epoch, self)
-            last = epoch == self.cfg.max_epoch - 1
             metrics = {}
-            if last or (epoch + 1) % max(1, self.cfg.eval_every) == 0:
+            if phase.name == "search":
+                if phase.last:
+                    self.compress()
+                    metrics = self.evaluate(eval_loaders)
+            elif phase.last or (phase.epoch + 1) % max(1, self.cfg.eval_every) == 0:
                 metrics = self.evaluate(eval_loaders)
             self.state.epoch = epoch
             self._update_best(metrics, epoch)
             self.save_checkpoint(self.output_dir / CHECKPOINT_LAST)
             record = {
                 "epoch": epoch,
+                **({"phase": phase.name} if search else {}),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train": train_stats,
                 **metrics,
                 "epoch_time_s": round(time.time() - t0, 3),
             }
+            if pruning:
+                record["pruner"] = self.pruner.report()
             utils.append_jsonl(self.output_dir / "log.jsonl", record)
             log.info("epoch %d: %s", epoch, _fmt(record))
         return self.results()
 
-    def _train_epoch(self, loader, epoch: int, schedule, accum: int, total_steps: int) -> dict:
+    def _train_epoch(self, loader, epoch: int, phase: Phase, schedule, accum: int, pruning: bool) -> dict:
         self.ddp_model.train()
         n_micro = len(loader)
         sums: dict[str, float] = {}
         count = 0
         self.optimizer.zero_grad(set_to_none=True)
-        bar = utils.progress(loader, desc=f"train {epoch}", total=n_micro)
+        pruner = self.pruner if pruning else None
+        bar = utils.progress(loader, desc=f"{phase.name} {epoch}", total=n_micro)
         for i, batch in enumerate(bar):
             step_in_epoch = i // accum
             if i % accum == 0:
-                utils.set_lr(self.optimizer, schedule(epoch, step_in_epoch))
-            info = StepInfo(epoch, i, n_micro, self.state.global_step)
+                utils.set_lr(self.optimizer, schedule(phase.epoch, step_in_epoch))
+            info = StepInfo(phase.epoch, i, n_micro, self.state.global_step)
             boundary = (i + 1) % accum == 0 or i + 1 == n_micro
             sync = (
                 contextlib.nullcontext()
@@ -223,25 +278,27 @@ class Engine:
                 with self._autocast():
                     losses = self.task.train_step(self.ddp_model, batch, info)
                     loss = losses["loss"]
-                    if self.pruner is not None and hasattr(self.pruner, "loss"):
-                        extra = self.pruner.loss(self.model, losses)
+                    if pruner is not None:
+                        extra = pruner.loss(self.model, losses)
                         if extra is not None:
                             loss = loss + extra
                             losses = {**losses, "pruner_loss": extra}
                 self._check_finite(loss, epoch, i)
                 self.scaler.scale(loss / accum).backward()
             if boundary:
-                if self.pruner is not None and hasattr(self.pruner, "before_optimizer_step"):
-                    self.pruner.before_optimizer_step(self.model)
+                if pruner is not None:
+                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                    pruner.before_optimizer_step(self.model, scale)
                 if self.cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.state.global_step += 1
-                if self.pruner is not None and hasattr(self.pruner, "step"):
-                    self.pruner.step(self.model, self.state.global_step, total_steps)
+                if pruner is not None:
+                    # Before zero_grad: score-based pruners read the gradients the step just used.
+                    pruner.step(self.model, self.state.global_step - phase.step_offset, phase.total_steps)
+                self.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
@@ -288,6 +345,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def save_model(self, path: Path, **extra) -> None:
+        if self._compressed():
+            from models.arch import architecture
+
+            extra["arch"] = {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
         if utils.is_main_process():
             utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
         utils.barrier()
@@ -328,12 +389,17 @@ class Engine:
             raise utils.CheckpointError(
                 f"{path} is not a training checkpoint (missing {missing}); to start from weights use --pretrained"
             )
+        if self.pruner is not None and ckpt.get("pruner"):
+            # First: a pruner that had compressed the model cuts it to the saved widths again.
+            self.pruner.load_state_dict(ckpt["pruner"])
+            if self._compressed():
+                self.model.to(self.device)
+                self._wrap()
+                self.optimizer = self._build_optimizer()
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if self.pruner is not None and ckpt.get("pruner"):
-            self.pruner.load_state_dict(ckpt["pruner"])
         self.state = TrainState(**ckpt["state"])
         rng = ckpt["rng"]
         rank = self.dist.rank
@@ -356,13 +422,17 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     def results(self) -> dict:
         best = self.output_dir / CHECKPOINT_BEST
-        return {
+        out = {
             "metrics": self.state.best_metrics or self.state.last_metrics,
             "last_metrics": self.state.last_metrics,
             "best_epoch": self.state.best_epoch,
             "params": utils.count_parameters(self.model),
             "checkpoint": str(best if best.exists() else self.output_dir / CHECKPOINT_LAST),
         }
+        if self.pruner is not None:
+            out["dense"] = self.state.dense
+            out["pruner_report"] = self.pruner.report()
+        return out
 
 
 def _fmt(record: Mapping) -> str:

@@ -145,3 +145,36 @@ def momentum_update(pairs: list[tuple[nn.Module, nn.Module]], m: float) -> None:
     for online, momentum in pairs:
         for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
             p_m.data.mul_(m).add_(p.data, alpha=1.0 - m)
+
+
+def tower_units(model: nn.Module, towers: tuple[str, ...], momentum: bool = False) -> list:
+    """Prunable units of a BLIP task model's towers, named by module path.
+
+    The ViT is ``vision``; an encoder's self-attention and FFN are ``text``, a decoder's ``decoder``;
+    every cross-attention is ``cross``. ``momentum`` adds each tower's ``<name>_m`` twin where one exists
+    (they are never searched, but a compressed checkpoint holds them at the pruned widths).
+    """
+    from models import med, vit
+
+    names = list(towers)
+    if momentum:
+        names += [f"{t}_m" for t in towers if hasattr(model, f"{t}_m")]
+    units = []
+    for name in names:
+        tower = getattr(model, name)
+        if isinstance(tower, VisionTransformer):
+            units += vit.prunable_units(tower, "vision", prefix=f"{name}.")
+        elif isinstance(tower, med.BertLMHeadModel):
+            units += med.prunable_units(tower, "decoder", prefix=f"{name}.")
+        else:
+            units += med.prunable_units(tower, "text", prefix=f"{name}.")
+    return units
+
+
+class PrunableTowers:
+    """Mixin of BLIP task models: ``prunable_units()`` over the towers named in ``TOWERS``."""
+
+    TOWERS: tuple[str, ...] = ()
+
+    def prunable_units(self, momentum: bool = False) -> list:
+        return tower_units(self, self.TOWERS, momentum)

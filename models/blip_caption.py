@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, decoder_batch, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, decoder_batch, med_config, tokenize
 from models.med import BertLMHeadModel
 
 
-class BlipCaption(nn.Module):
+class BlipCaption(PrunableTowers, nn.Module):
     task = "caption"
+    TOWERS = ("visual_encoder", "text_decoder")
 
     def __init__(self, config: Mapping[str, Any], image_size: int = 384, tokenizer=None, prompt: str = "a picture of "):
         super().__init__()

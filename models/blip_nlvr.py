@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, med_config, tokenize
 from models.med import BertModel
 
 
-class BlipNLVR(nn.Module):
+class BlipNLVR(PrunableTowers, nn.Module):
     """``visual_encoder`` sees both images as one batch; the text encoder's every layer has two
     cross-attention branches (image 0 and image 1), averaged in layers < 6 and merged by
     ``merge_layer`` above; ``cls_head`` maps the final [ENC] state to two classes (1 = True)."""
 
     task = "nlvr"
+    TOWERS = ("visual_encoder", "text_encoder")
 
     def __init__(self, config: Mapping[str, Any], image_size: int = 384, tokenizer=None):
         super().__init__()

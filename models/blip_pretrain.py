@@ -21,6 +21,7 @@ from models.med import BertLMHeadModel, BertOnlyMLMHead
 
 class BlipPretrain(BlipRetrieval):
     task = "pretrain"
+    TOWERS = ("visual_encoder", "text_encoder", "text_decoder")
     QUEUE_POINTER = "queue_ptr"
     IDX_QUEUE_SAVED = False  # image ids are used for ITC positives but are not part of the file
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.blip import (
+    PrunableTowers,
     all_gather_with_grad,
     build_tokenizer,
     concat_all_gather,
@@ -26,8 +27,9 @@ from models.med import BertModel
 TEXT_LENGTH = 35  # ITC/ITM texts are padded (and truncated) to exactly this many tokens
 
 
-class BlipRetrieval(nn.Module):
+class BlipRetrieval(PrunableTowers, nn.Module):
     task = "retrieval"
+    TOWERS = ("visual_encoder", "text_encoder")
     # Buffer names differ between the fine-tuned and the pre-trained file layouts.
     QUEUE_POINTER = "ptr_queue"
     IDX_QUEUE_SAVED = True

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blip import build_tokenizer, create_vit, lm_targets, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, lm_targets, med_config, tokenize
 from models.med import BertLMHeadModel, BertModel
 
 
-class BlipVQA(nn.Module):
+class BlipVQA(PrunableTowers, nn.Module):
     task = "vqa"
+    TOWERS = ("visual_encoder", "text_encoder", "text_decoder")
 
     def __init__(self, config: Mapping[str, Any], image_size: int = 480, tokenizer=None):
         super().__init__()

@@ -414,6 +414,10 @@ class BertIntermediate(_SlotModule):
             raise ValueError(f"output dense takes {dense.in_features} inputs but the FFN has {self.hidden} neurons")
         object.__setattr__(self, "_output_dense", dense)
 
+    @property
+    def output_dense(self) -> nn.Linear | None:
+        return self._output_dense
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.dense(x)
         if self.neuron_mask is not None:

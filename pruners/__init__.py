@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pruners.base import Pruner
+from pruners.upop import UPop
 
 # name -> class; "none" trains and evaluates the dense model.
-PRUNERS: dict[str, type[Pruner] | None] = {"none": None}
+PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop}
+
+# Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start
+# from, and one section of options per pruner (its DEFAULTS).
+PRUNER_DEFAULTS: dict[str, Any] = {
+    "p": 0.5,  # pruning ratio / target, method-specific (UPop: share of the cost-weighted mask budget)
+    "pruner_pretrained": "",  # the task-fine-tuned dense model a pruner starts from ("": pretrained)
+    **{name: dict(cls.DEFAULTS) for name, cls in PRUNERS.items() if cls is not None},
+}
 
 
 def build_pruner(name: str, config: dict) -> Pruner | None:

@@ -14,6 +14,9 @@ import torch
 
 class Pruner:
     name = "base"
+    DEFAULTS: dict[str, Any] = {}  # the pruner's config section (config[name]) with its defaults
+    # Command-line flags of the seed, each a shortcut for one config key: flag -> (key, type, help).
+    FLAGS: dict[str, tuple[str, type, str]] = {}
 
     def __init__(self, config: dict):
         self.config = config
@@ -30,11 +33,18 @@ class Pruner:
         """An extra loss term added to the task loss, or None."""
         return None
 
-    def before_optimizer_step(self, model: torch.nn.Module) -> None:
-        """Called after backward, before the optimizer step (e.g. to read mask gradients)."""
+    # Epochs of search before compress() (UPop); 0: the pruner acts during ordinary training.
+    search_epochs: int = 0
+    # True once compress() has made the model smaller; the engine then retrains without the pruner.
+    compressed: bool = False
+
+    def before_optimizer_step(self, model: torch.nn.Module, grad_scale: float = 1.0) -> None:
+        """Called after backward, before the optimizer step (e.g. to read mask gradients); gradients are
+        multiplied by ``grad_scale`` (the fp16 loss scale, else 1)."""
 
     def step(self, model: torch.nn.Module, step: int, total: int) -> None:
-        """Called after every optimizer step (schedules, score updates, controllers)."""
+        """Called after every optimizer step of the phase the pruner acts in, before the gradients are
+        cleared: ``step`` counts from 1 to ``total``, the phase's optimizer steps."""
 
     def epoch_end(self, epoch: int, engine: Any) -> None:
         """Called after every training epoch, before evaluation."""

@@ -93,8 +93,12 @@ def build_task(config: Mapping, train_loader) -> ClassificationTask:
 
 
 def load_pretrained(model: torch.nn.Module, path: str, config: Mapping) -> None:
-    """Weights from a checkpoint of this project or a timm/DeiT state dict with the same layout."""
-    sd = utils.unwrap_state_dict(utils.load_checkpoint_file(path), path)
+    """Weights from a checkpoint of this project (dense or compressed) or a timm/DeiT state dict with the
+    same layout; a compressed file first cuts the model to its widths (described or inferred)."""
+    from models.arch import fit_to_checkpoint, read_weights
+
+    sd, arch = read_weights(path)
+    fit_to_checkpoint(model, sd, arch, str(path))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise utils.CheckpointError(

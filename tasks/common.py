@@ -58,10 +58,13 @@ def blip_loader(task: str, reset_momentum: bool = False) -> Callable:
     """``load_pretrained`` for a BLIP task: official files (or same-layout ones) through the checkpoint policies."""
 
     def load(model, path: str, config: Mapping) -> None:
+        from models.arch import fit_to_checkpoint, read_weights
         from models.checkpoints import load_blip_checkpoint
 
-        report = load_blip_checkpoint(model, path, task, reset_momentum=reset_momentum)
-        utils.log.info("%s", report)
+        # A compressed checkpoint first cuts the dense model to its widths (described or inferred).
+        sd, arch = read_weights(path)
+        fit_to_checkpoint(model, sd, arch, str(path))
+        load_blip_checkpoint(model, sd, task, reset_momentum=reset_momentum, source=str(path))
 
     return load
 

@@ -120,14 +120,21 @@ def test_torchrun_two_processes_and_equal_evaluation(world, tmp_path):
     assert m1 == m2 and m1["val"]["n"] == len(list((Path(world) / "imagenet" / "val").rglob("*.JPEG")))
 
 
+# UPop: one search epoch (compression at its end), then two retrain epochs; the kill lands after the
+# compression, so the resume must rebuild the compressed model and its fresh optimizer.
+UPOP = ("--pruner", "upop", "--set", "upop.search_epochs=1", "--set", "upop.interval=2", "--set", "p=0.5")
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(world, tmp_path):
+@pytest.mark.parametrize("pruner", [(), UPOP], ids=["dense", "upop"])
+def test_killed_run_resumes_to_the_same_parameters(world, tmp_path, pruner):
+    epochs = 2 if pruner else 3
     full = tmp_path / "full"
-    run(script(*args_for(world, full, epochs=3)))
+    run(script(*args_for(world, full, epochs=epochs, extra=pruner)))
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        script(*args_for(world, cut, epochs=3)),
+        script(*args_for(world, cut, epochs=epochs, extra=pruner)),
         cwd=REPO,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -144,12 +151,15 @@ def test_killed_run_resumes_to_the_same_parameters(world, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(log.read_text().splitlines()) < 3
 
-    run(script(*args_for(world, cut, epochs=3), "--resume", str(cut / "checkpoint_last.pth")))
+    run(script(*args_for(world, cut, epochs=epochs, extra=pruner), "--resume", str(cut / "checkpoint_last.pth")))
     a, b = final_params(full), final_params(cut)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert len(log.read_text().splitlines()) == 3
+    if pruner:  # the resumed run finished compressed, exactly like the uninterrupted one
+        res = json.loads((cut / "results.json").read_text())
+        assert res["params"] < res["dense"]["params"] and Path(res["compressed_checkpoint"]).exists()
 
 
 def test_unknown_config_key_is_named_and_nothing_written(world, tmp_path):
