@@ -30,6 +30,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     **ENGINE_DEFAULTS,
     "pretrained": "",
     "world": {"dir": ".synthetic/world", "n": 600, "image_size": 64, "seed": 0},
+    # results.json (and, for pruners, the dense model before pruning) records FLOPs/MACs on the seeds'
+    # dummy inputs and the median latency of one batch-1 inference call on the run's device.
+    "measure_cost": True,
+    "measure_latency": True,
 }
 
 
@@ -260,6 +264,7 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         output_dir,
         pruner=pruner,
         config={k: v for k, v in config.items() if not k.startswith("_")},
+        cost_fn=lambda m: _model_cost(spec.name, m, config),
     )
     if args.evaluate:
         metrics = engine.evaluate(eval_loaders)
@@ -277,6 +282,7 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         "task": spec.name,
         "pruner": args.pruner,
         **results,
+        **_model_cost(spec.name, engine.model, config),  # the model the run ended with (compressed in place)
         "world_size": dist_info.world_size,
         "device": str(dist_info.device),
         "output_dir": str(output_dir),
@@ -289,6 +295,23 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
     if results.get("dense"):
         log.info("%s", _comparison(results))
     return results
+
+
+def _model_cost(task: str, model: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
+    """FLOPs / MACs per sample on the seeds' dummy inputs and the batch-1 latency of ``model``.
+
+    Every rank runs it: retrieval's counted training step gathers across ranks.
+    """
+    from benchmarks.inputs import TASKS
+    from benchmarks.measure import measure_latency, model_cost
+
+    if task not in TASKS or not config["measure_cost"]:  # pre-training has no seed convention
+        return {}
+    cost = model_cost(model, task)
+    out = {k: cost[k] for k in ("flops", "macs", "params_momentum")} | {"cost_inputs": cost["inputs"]}
+    if config["measure_latency"]:
+        out["latency_ms"] = 1000 * measure_latency(model, task, batch_size=1)["median_s"]
+    return out
 
 
 def _export_compressed(best: Path, output_dir: Path) -> str:

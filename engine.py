@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,8 +134,10 @@ class Engine:
         output_dir: str | Path,
         pruner: Any = None,
         config: Mapping | None = None,
+        cost_fn: Callable[[torch.nn.Module], dict] | None = None,
     ):
         self.task, self.cfg, self.dist, self.pruner = task, cfg, dist_info, pruner
+        self.cost_fn = cost_fn  # FLOPs / latency of a model, recorded for the dense model a pruner starts from
         self.output_dir = Path(output_dir)
         self.config = dict(config or {})
         self.device = dist_info.device
@@ -200,6 +202,8 @@ class Engine:
         elif self.pruner is not None and not self.state.dense:
             # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
             self.state.dense = {"metrics": self.evaluate(eval_loaders), "params": utils.count_parameters(self.model)}
+            if self.cost_fn is not None:
+                self.state.dense.update(self.cost_fn(self.model))
             log.info("dense model before pruning: %s", _fmt(self.state.dense))
         micro_per_epoch = len(train_loader)
         if micro_per_epoch == 0:
