@@ -173,7 +173,6 @@ class Engine:
         self.model.to(self.device)
         self._wrap()
         self.optimizer = self._build_optimizer()
-        self.state.best_value, self.state.best_epoch, self.state.best_metrics = -math.inf, -1, {}
 
     # ------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -337,6 +336,8 @@ class Engine:
         if not metrics:
             return
         self.state.last_metrics = dict(metrics)
+        if self.pruner is not None and not self.pruner.at_target():
+            return  # a model still on its way to the pruner's target (a search, a sparsity ramp) is no result
         split = "val" if "val" in metrics else next(iter(metrics))
         value = metrics[split].get(self.task.main_metric)
         if value is None:  # e.g. VQA on the official test split: only the server knows the answers

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from pruners.base import Pruner
+from pruners.platon import Platon
 from pruners.upop import UPop
 
 # name -> class; "none" trains and evaluates the dense model.
-PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop}
+PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop, "platon": Platon}
 
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start
 # from, and one section of options per pruner (its DEFAULTS).

@@ -49,6 +49,11 @@ class Pruner:
     def epoch_end(self, epoch: int, engine: Any) -> None:
         """Called after every training epoch, before evaluation."""
 
+    def at_target(self) -> bool:
+        """Whether the model has reached the pruner's target (compressed, or at the final sparsity); only
+        then can an epoch be the run's best."""
+        return True
+
     def compress(self, model: torch.nn.Module) -> torch.nn.Module:
         """Turn masks into a smaller dense model or a fixed token schedule."""
         raise NotImplementedError

@@ -251,6 +251,9 @@ class UPop(Pruner):
         return {"pruned_cost": pruned, "total_cost": total, "ratio": pruned / total if total else 0.0}
 
     # ------------------------------------------------------------------------------------ compression
+    def at_target(self) -> bool:
+        return self.compressed
+
     def _keep_indices(self, unit: Unit, mask: Tensor, score: Tensor) -> Tensor:
         m = mask.detach().cpu()
         if not bool(((m == 0) | (m == 1)).all()):
