@@ -166,9 +166,14 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
     if args.p is not None:
         flags["p"] = args.p
     config = load_config(path, schema, [*args.overrides, *_pruner_flags(args)], flags=flags)
-    if getattr(args, "pruner", "none") != "none" and args.pretrained is None and config["pruner_pretrained"]:
-        # Pruners start from the task-fine-tuned dense model, not from the pre-trained one.
-        config["pretrained"] = config["pruner_pretrained"]
+    pruner = getattr(args, "pruner", "none")
+    if pruner != "none":
+        if args.pretrained is None and config["pruner_pretrained"]:
+            # Pruners start from the task-fine-tuned dense model, not from the pre-trained one.
+            config["pretrained"] = config["pruner_pretrained"]
+        epochs = (config.get(pruner) or {}).get("epochs")
+        if args.epoch is None and epochs:  # the pruner's own epoch count (--epoch still wins)
+            config["max_epoch"] = epochs
     if args.demo:
         world = config["world"]
         config = _substitute(config, "${world}", str(_abs(world["dir"])))
@@ -254,7 +259,10 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         spec.load_pretrained(model, config["pretrained"], config)
     task = spec.build_task(config, train_loader)
     pruner = build_pruner(args.pruner, config)
+    dense_cost = {}
     if pruner is not None:
+        if not (args.evaluate or args.resume):  # the model the pruner starts from, before masks or hooks
+            dense_cost = _model_cost(spec.name, model.to(dist_info.device), config)
         pruner.attach(model)
     engine = Engine(
         model,
@@ -264,7 +272,7 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         output_dir,
         pruner=pruner,
         config={k: v for k, v in config.items() if not k.startswith("_")},
-        cost_fn=lambda m: _model_cost(spec.name, m, config),
+        dense_cost=dense_cost,
     )
     if args.evaluate:
         metrics = engine.evaluate(eval_loaders)
@@ -274,6 +282,8 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
             "params": utils.count_parameters(model),
             "checkpoint": config["pretrained"] or None,
         }
+        if pruner is not None:  # e.g. the measured sparsity of a pruned checkpoint
+            results["pruner_report"] = pruner.report()
     else:
         results = engine.fit(train_loader, eval_loaders, resume=args.resume)
         if pruner is not None and pruner.compressed:

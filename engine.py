@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,10 +134,10 @@ class Engine:
         output_dir: str | Path,
         pruner: Any = None,
         config: Mapping | None = None,
-        cost_fn: Callable[[torch.nn.Module], dict] | None = None,
+        dense_cost: Mapping | None = None,
     ):
         self.task, self.cfg, self.dist, self.pruner = task, cfg, dist_info, pruner
-        self.cost_fn = cost_fn  # FLOPs / latency of a model, recorded for the dense model a pruner starts from
+        self.dense_cost = dict(dense_cost or {})  # FLOPs / latency of the model a pruner starts from
         self.output_dir = Path(output_dir)
         self.config = dict(config or {})
         self.device = dist_info.device
@@ -200,9 +200,11 @@ class Engine:
             self.load_checkpoint(resume)
         elif self.pruner is not None and not self.state.dense:
             # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
-            self.state.dense = {"metrics": self.evaluate(eval_loaders), "params": utils.count_parameters(self.model)}
-            if self.cost_fn is not None:
-                self.state.dense.update(self.cost_fn(self.model))
+            self.state.dense = {
+                "metrics": self.evaluate(eval_loaders),
+                "params": utils.count_parameters(self.model),
+                **self.dense_cost,
+            }
             log.info("dense model before pruning: %s", _fmt(self.state.dense))
         micro_per_epoch = len(train_loader)
         if micro_per_epoch == 0:
@@ -445,6 +447,8 @@ def _fmt(record: Mapping) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
         if isinstance(v, Mapping):
+            if len(v) > 12:  # e.g. a pruner's per-module report: log.jsonl has it in full
+                return f"{{{len(v)} entries}}"
             return "{" + ", ".join(f"{k}: {short(x)}" for k, x in v.items()) + "}"
         return str(v)
 

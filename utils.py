@@ -333,8 +333,9 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 
 def unwrap_state_dict(obj: Mapping, path: str | Path = "") -> dict:
-    """Accept ``{'model': sd}`` or a bare state dict; strip a DDP ``module.`` prefix."""
-    sd = obj.get("model", obj) if isinstance(obj, Mapping) else obj
+    """Accept ``{'model': sd}``, ``{'model_state_dict': sd}`` (the PLATON seed's per-epoch files) or a bare
+    state dict; strip a DDP ``module.`` prefix."""
+    sd = obj.get("model", obj.get("model_state_dict", obj)) if isinstance(obj, Mapping) else obj
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path} has no state dict (expected tensors, or one under 'model')")
     if sd and all(k.startswith("module.") for k in sd):

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 3  # bumped whenever the generator writes different files for the same arguments
+VERSION = 4  # bumped whenever the generator writes different files for the same arguments
 
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -255,7 +255,10 @@ def captions(scene: Scene, size: int) -> list[str]:
         positional = f"{_join(ltr)} from left to right"
         from_right = f"{ltr[2]} on the right, {ltr[1]} in the middle and {ltr[0]} on the left"
     counted = f"{_NUMBER_WORDS[k]} shape{'s' if k > 1 else ''}: {listed}"
-    return [listed, counted, positional, from_right, f"a plain background with {listed}"]
+    # Phrased as NLVR2 statements are ("... image contains exactly two shapes"), so that pre-training on
+    # captions covers the language the NLVR2 demo fine-tunes on, as web captions do for the real NLVR2.
+    stated = f"an image that contains exactly {_count_phrase(k)}: {listed}"
+    return [listed, counted, positional, from_right, stated]
 
 
 def _count_phrase(k: int) -> str:

@@ -386,6 +386,7 @@ class Platon(Pruner):
 
     name = "platon"
     DEFAULTS: dict[str, Any] = {
+        "epochs": None,  # training epochs with this pruner (None: max_epoch; --epoch wins)
         "importance": "platon",  # platon | magnitude (|w|) | taylor (|w g| of the step)
         "final_threshold": 0.2,  # remaining ratio at the end: 1 - sparsity of the masked set
         "initial_threshold": 1.0,

@@ -116,6 +116,7 @@ class UPop(Pruner):
 
     name = "upop"
     DEFAULTS: dict[str, Any] = {
+        "epochs": None,  # retrain epochs with this pruner (None: max_epoch; --epoch wins)
         "interval": 50,  # optimizer steps between mask updates
         "search_epochs": None,  # None: as many as the retrain epochs (the seed's --epoch N = N + N)
         "w_sp_attn": 4.8e-3,  # L1 weights of the masks, divided by the world size as in the seed

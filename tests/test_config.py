@@ -108,3 +108,25 @@ def test_flags_take_precedence_over_set(tmp_path):
     p = write(tmp_path, "max_epoch: 2\n")
     cfg = load_config(p, SCHEMA, ["max_epoch=7", "pretrained=a.pth"], flags={"pretrained": "b.pth"})
     assert cfg["max_epoch"] == 7 and cfg["pretrained"] == "b.pth"
+
+
+NLVR_DENSE = "checkpoints/demo/blip_tiny_nlvr.pth"
+
+
+@pytest.mark.parametrize(
+    "argv, max_epoch, pretrained",
+    [
+        (["--demo", "--pruner", "upop", "--set", "upop.epochs=3"], 3, NLVR_DENSE),
+        (["--demo", "--pruner", "upop", "--set", "upop.epochs=3", "--epoch", "5"], 5, NLVR_DENSE),
+        (["--demo", "--set", "upop.epochs=3"], 8, "checkpoints/demo/blip_tiny_pretrain.pth"),  # no pruner, no effect
+        (["--demo", "--pruner", "platon", "--pretrained", "x.pth"], 8, "x.pth"),
+    ],
+)
+def test_pruner_section_sets_epochs_and_starting_model(argv, max_epoch, pretrained):
+    import cli
+    import compress_nlvr
+
+    args = cli.build_parser(compress_nlvr.SPEC).parse_args(argv)
+    cfg = cli.resolve_config(compress_nlvr.SPEC, args)
+    assert cfg["max_epoch"] == max_epoch
+    assert str(cfg["pretrained"]).endswith(pretrained)

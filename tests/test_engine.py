@@ -162,3 +162,6 @@ def test_unwrap_state_dict_strips_module_prefix():
     assert set(utils.unwrap_state_dict({"model": sd})) == {"w", "b"}
     with pytest.raises(utils.CheckpointError, match="no state dict"):
         utils.unwrap_state_dict({"model": {"a": 1}}, "x.pth")
+    # The PLATON seed's per-epoch files keep the weights under 'model_state_dict'.
+    seed_file = {"model_state_dict": {"w": torch.ones(2)}, "epoch": 3}
+    assert torch.equal(utils.unwrap_state_dict(seed_file)["w"], torch.ones(2))

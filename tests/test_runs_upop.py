@@ -39,7 +39,20 @@ def test_upop_nlvr_under_torchrun_then_evaluate_the_compressed_checkpoint(setup,
     out = tmp_path / "upop"
     # Without --demo --output_dir DIR (run.sh sets the output); from random weights, not a shipped model.
     tiny = [*tiny_args(setup, out, "nlvr")[3:], "--set", "pruner_pretrained="]
-    sh("compress", "nlvr", "configs/demo/nlvr.yaml", "0.5", "1", str(out), "--demo", *tiny, "--set", "upop.interval=2")
+    sh(
+        "compress",
+        "nlvr",
+        "configs/demo/nlvr.yaml",
+        "0.5",
+        "1",
+        str(out),
+        "--demo",
+        *tiny,
+        "--set",
+        "upop.interval=2",
+        "--set",
+        "upop.search_epochs=1",
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["pruner"] == "upop" and res["world_size"] == 2
     assert res["params"] < res["dense"]["params"]

@@ -73,8 +73,9 @@ def caption_is_true(text: str, objs) -> bool:
     if m := re.fullmatch(rf"(one|two|three) (shapes?): {NPLIST}", text):
         plural_ok = (m[2] == "shape") == (m[1] == "one")
         return plural_ok and NUMBERS[m[1]] == k and sorted(nps(m[3])) == sorted(ltr)
-    if m := re.fullmatch(rf"a plain background with {NPLIST}", text):
-        return sorted(nps(m[1])) == sorted(ltr)
+    if m := re.fullmatch(rf"an image that contains exactly (one|two|three) (shapes?): {NPLIST}", text):
+        plural_ok = (m[2] == "shape") == (m[1] == "one")
+        return plural_ok and NUMBERS[m[1]] == k and sorted(nps(m[3])) == sorted(ltr)
     if m := re.fullmatch(rf"a single {COL} {SHP}", text):
         return ltr == [(m[1], m[2])]
     if m := re.fullmatch(rf"{NP} (on the left|in the middle|on the right)", text):
