@@ -90,7 +90,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument(
         "--output_dir",
         default=None,
-        help=f"where results go (default output/{spec.name}, output/demo/{spec.name} with --demo)",
+        help=f"where results go (default output/{spec.name}, or output/PRUNER_{spec.name} with --pruner; "
+        "under output/demo/ with --demo)",
     )
     p.add_argument("--pretrained", default=None, help="weights to start from or to evaluate (overrides config)")
     p.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
@@ -212,13 +213,21 @@ def _check_output_dir(output_dir: Path, args: argparse.Namespace) -> None:
         )
 
 
+def default_output_dir(spec: TaskSpec, args: argparse.Namespace) -> str:
+    """output/<task>, or output/<pruner>_<task> for a pruning run (so it never lands in the dense run's folder);
+    under output/demo/ with --demo."""
+    pruner = getattr(args, "pruner", "none")
+    name = spec.name if pruner == "none" else f"{pruner}_{spec.name}"
+    return f"output/demo/{name}" if args.demo else f"output/{name}"
+
+
 def main(spec: TaskSpec, argv: list[str] | None = None) -> dict:
     args = build_parser(spec).parse_args(argv)
     try:
         config = resolve_config(spec, args)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    output_dir = Path(args.output_dir or (f"output/demo/{spec.name}" if args.demo else f"output/{spec.name}"))
+    output_dir = Path(args.output_dir or default_output_dir(spec, args))
     _check_output_dir(output_dir, args)
 
     dist_info = utils.init_distributed(args.device)

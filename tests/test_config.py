@@ -130,3 +130,19 @@ def test_pruner_section_sets_epochs_and_starting_model(argv, max_epoch, pretrain
     cfg = cli.resolve_config(compress_nlvr.SPEC, args)
     assert cfg["max_epoch"] == max_epoch
     assert str(cfg["pretrained"]).endswith(pretrained)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--demo"], "output/demo/nlvr"),
+        (["--demo", "--pruner", "upop"], "output/demo/upop_nlvr"),
+        (["--pruner", "platon"], "output/platon_nlvr"),
+        ([], "output/nlvr"),
+    ],
+)
+def test_a_pruning_run_never_defaults_to_the_dense_runs_folder(argv, expected):
+    import cli
+    import compress_nlvr
+
+    assert cli.default_output_dir(compress_nlvr.SPEC, cli.build_parser(compress_nlvr.SPEC).parse_args(argv)) == expected
