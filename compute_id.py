@@ -220,10 +220,6 @@ def _sample_width(shape: tuple[int, ...], samples: int, kind: str, tokens: int |
     return k * shape[-1] * (t if kind == "flatten" else 1)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def _text_token_bound(model: nn.Module) -> int | None:
     from models.med import BertModel
 
@@ -314,7 +310,7 @@ def measure(
             if t_tokens is None:
                 exact.append(t.name)
             width = _sample_width(collector.shapes[t.name][0], collector.samples, kind, t_tokens)
-            sizes[t.name] = n * width * _itemsize(collector.dtypes[t.name])
+            sizes[t.name] = n * width * collector.dtypes[t.name].itemsize
             widest = max(widest, width)
         # Distance work: the float64 (n, n) matrix twice over (Gram and comparisons, or the result
         # and a block-analysis gather), plus up to four (n, chunk) float64 feature chunks.
@@ -370,7 +366,7 @@ def measure(
                             f"module {t.name} ran {len(shapes)} times in {len(batch_samples)} batches; "
                             "a target must run exactly once per forward"
                         )
-                    item = _itemsize(collector.dtypes[t.name])
+                    item = collector.dtypes[t.name].itemsize
                     sizes[t.name] = sum(
                         b * _sample_width(shape, b, kind) * item for shape, b in zip(shapes, batch_samples)
                     )

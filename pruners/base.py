@@ -21,6 +21,14 @@ class Pruner:
     def __init__(self, config: dict):
         self.config = config
 
+    def options(self) -> dict[str, Any]:
+        """The pruner's config section (``config[name]``) over its ``DEFAULTS``; an unknown key is an error."""
+        opts = {**self.DEFAULTS, **(self.config.get(self.name) or {})}
+        unknown = sorted(set(opts) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown {self.name} option(s) {unknown}; valid: {sorted(self.DEFAULTS)}")
+        return opts
+
     def attach(self, model: torch.nn.Module) -> None:
         """Add masks, gates and hooks to ``model`` (before the optimizer is built)."""
         raise NotImplementedError

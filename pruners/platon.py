@@ -419,10 +419,7 @@ class Platon(Pruner):
 
     def __init__(self, config: dict):
         super().__init__(config)
-        opts = {**self.DEFAULTS, **(config.get("platon") or {})}
-        unknown = sorted(set(opts) - set(self.DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown platon option(s) {unknown}; valid: {sorted(self.DEFAULTS)}")
+        opts = self.options()
         imp = str(opts["importance"]).lower()
         if imp not in IMPORTANCES:
             raise ValueError(f"platon.importance must be one of {IMPORTANCES} (any case), got {opts['importance']!r}")

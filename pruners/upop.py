@@ -136,7 +136,7 @@ class UPop(Pruner):
 
     def __init__(self, config: dict):
         super().__init__(config)
-        opts = {**self.DEFAULTS, **(config.get("upop") or {})}
+        opts = self.options()
         self.p = float(config.get("p", 0.5))
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {self.p}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_blip_models import write_vocab
+from tiny_blip import DEPTH, HEADS, PATCH, SIZE, WIDTH, tiny_config, write_vocab
 
 import compute_id
 from models.blip_caption import BlipCaption
@@ -16,8 +16,6 @@ from models.blip_nlvr import BlipNLVR
 from models.vit import VisionTransformer
 from pruners.intrinsic_dim import pairwise_distances, seed_id
 from pruners.targets import target_modules, targets
-
-WIDTH, DEPTH, HEADS, PATCH, SIZE = 32, 2, 2, 16, 32
 
 # The seed's pruners pick parameters by substring (ID_pruner.py; ID_pruner_nlvr.py adds merge_layer).
 SEED_CAPTION = [
@@ -42,45 +40,10 @@ def seed_selection(model, patterns):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_id")
-    tok = write_vocab(root / "tok", 140)
-    med = {
-        "hidden_size": WIDTH,
-        "num_hidden_layers": DEPTH,
-        "num_attention_heads": HEADS,
-        "intermediate_size": 4 * WIDTH,
-        "max_position_embeddings": 40,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "vocab_size": 142,
-        "encoder_width": WIDTH,
-        "add_cross_attention": True,
-        "layer_norm_eps": 1e-12,
-        "hidden_act": "gelu",
-        "initializer_range": 0.02,
-        "pad_token_id": 0,
-        "type_vocab_size": 2,
-    }
-    (root / "med.json").write_text(json.dumps(med))
-    return {
-        "vit": "base",
-        "vit_patch_size": PATCH,
-        "vit_embed_dim": WIDTH,
-        "vit_depth": DEPTH,
-        "vit_heads": HEADS,
-        "vit_drop_path": 0.0,
-        "med_config": str(root / "med.json"),
-        "tokenizer": str(tok),
-    }
+    return tiny_config(tmp_path_factory.mktemp("tiny_id"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which a busy machine makes slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ targets

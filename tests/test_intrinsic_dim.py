@@ -22,14 +22,7 @@ from pruners.intrinsic_dim import (
     twonn_from_neighbours,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small matrices: intra-op threads mostly synchronise, which a busy machine makes slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def embed(z, dim, rng):

@@ -35,13 +35,7 @@ VOCAB, HIDDEN, HEADS, FFN, MAX_POS = 40, 32, 4, 48, 32
 EOS, PAD = 3, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The matrices here are tiny: thread hand-offs would cost more than the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> MedConfig:

@@ -350,3 +350,11 @@ def test_resume_state_restores_masks_and_the_compressed_architecture(tiny):
     again.attach(other)
     again.load_state_dict(pruner.state_dict())
     assert again.compressed and architecture(other) == architecture(model)
+
+
+@pytest.mark.parametrize("name", ["upop", "platon"])
+def test_an_unknown_pruner_option_is_named_with_the_valid_ones(name):
+    from pruners import PRUNERS
+
+    with pytest.raises(ValueError, match=rf"unknown {name} option\(s\) \['intervall'\]; valid: \["):
+        PRUNERS[name]({"p": 0.5, name: {"intervall": 3}})
