@@ -34,6 +34,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # dummy inputs and the median latency of one batch-1 inference call on the run's device.
     "measure_cost": True,
     "measure_latency": True,
+    # Module paths (e.g. visual_encoder) whose weights a dense run keeps fixed; a pruning run trains every
+    # weight it keeps, as the seeds do, and ignores this.
+    "freeze": [],
 }
 
 
@@ -268,6 +271,11 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         spec.load_pretrained(model, config["pretrained"], config)
     task = spec.build_task(config, train_loader)
     pruner = build_pruner(args.pruner, config)
+    if config["freeze"] and pruner is None:
+        n = utils.freeze_parameters(model, config["freeze"])
+        log.info("froze %d parameter tensors under %s", n, ", ".join(config["freeze"]))
+    elif config["freeze"]:
+        log.info("freeze %s is for dense runs; the %s run trains every weight it keeps", config["freeze"], args.pruner)
     dense_cost = {}
     if pruner is not None:
         if not (args.evaluate or args.resume):  # the model the pruner starts from, before masks or hooks

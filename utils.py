@@ -9,7 +9,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,22 @@ def unwrap_state_dict(obj: Mapping, path: str | Path = "") -> dict:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
+    """Stop training the parameters whose names start with one of ``prefixes`` (module paths such as
+    ``visual_encoder``); returns how many tensors were frozen. A prefix that names nothing is an error."""
+    named = list(model.named_parameters())
+    frozen = 0
+    for prefix in prefixes:
+        hits = [p for name, p in named if name == prefix or name.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            tops = sorted({name.split(".", 1)[0] for name, _ in named})
+            raise ValueError(f"freeze: {prefix!r} names no parameter of the model; its modules are {tops}")
+        for p in hits:
+            frozen += p.requires_grad
+            p.requires_grad_(False)
+    return frozen
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from data.captions import CaptionEvalDataset, CaptionTrainDataset, RetrievalEvalDataset, image_id_from_path
 from data.imagenet import ImageNetDataset
-from data.nlvr import NLVRDataset
+from data.nlvr import NLVRDataset, TextAssignmentDataset
 from data.transforms import RandomAugment, build_imagenet_transform, build_transform
 from data.utils import ImageLoadError, load_image, pre_caption, pre_question
 from data.vqa import TRAIN_FILES, VQATestDataset, VQATrainDataset, vqa_collate_fn
@@ -24,6 +24,7 @@ __all__ = [
     "ImageLoadError",
     "ImageNetDataset",
     "NLVRDataset",
+    "TextAssignmentDataset",
     "RandomAugment",
     "RetrievalEvalDataset",
     "VQATestDataset",
@@ -40,7 +41,7 @@ __all__ = [
     "vqa_collate_fn",
 ]
 
-DATASETS = ("nlvr", "caption_coco", "retrieval_coco", "retrieval_flickr", "vqa", "imagenet")
+DATASETS = ("nlvr", "text_assignment", "caption_coco", "retrieval_coco", "retrieval_flickr", "vqa", "imagenet")
 
 
 def _require(config: Mapping, key: str, name: str) -> Any:
@@ -50,11 +51,13 @@ def _require(config: Mapping, key: str, name: str) -> Any:
 
 
 def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
-    """Build the splits of one task: (train, val, test); VQA gives (train, test), ImageNet (train, val).
+    """Build the splits of one task: (train, val, test); VQA gives (train, test), ImageNet and text
+    assignment (train, val).
 
     ``name`` is one of ``DATASETS``, or "retrieval" with ``config["dataset"]`` in {coco, flickr}.
     Reads ``image_root``, ``ann_root``, ``image_size``, and per task ``prompt`` (captioning),
-    ``vqa_root``/``vg_root``/``train_files`` (VQA), ``nlvr_eval_swap`` and ``seed`` (NLVR2), plus
+    ``vqa_root``/``vg_root``/``train_files`` (VQA), ``nlvr_eval_swap`` and ``seed`` (NLVR2),
+    ``ta_train_files``/``ta_val_files`` and ``seed`` (text assignment), plus
     the transform switches of ``build_transform`` (or ``build_imagenet_transform``).
     """
     if name == "retrieval":
@@ -90,6 +93,14 @@ def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
         return tuple(
             NLVRDataset(tf, image_root, ann_root, split, eval_swap=swap, swap_seed=seed)
             for tf, split in ((train_tf, "train"), (test_tf, "val"), (test_tf, "test"))
+        )
+    if name == "text_assignment":
+        seed = int(config.get("seed") or 0)
+        return (
+            TextAssignmentDataset(train_tf, image_root, ann_root, list(_require(config, "ta_train_files", name)), True),
+            TextAssignmentDataset(
+                test_tf, image_root, ann_root, list(_require(config, "ta_val_files", name)), False, seed
+            ),
         )
     if name == "caption_coco":
         return (

@@ -58,6 +58,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data.utils import pre_caption
+
 VERSION = 4  # bumped whenever the generator writes different files for the same arguments
 
 SHAPES = ("circle", "square", "triangle")
@@ -339,6 +341,17 @@ def _nlvr_templates() -> list[_Template]:
 
 
 _TEMPLATES = _nlvr_templates()
+NLVR_FAMILIES = tuple(t.name for t in _TEMPLATES)
+# Every sentence a template can write, as the NLVR2 dataset hands it to the model (``pre_caption``), with its
+# family. Both sides are among each side-bearing template's parameters, so a left/right-swapped sentence is
+# listed too.
+_FAMILY_OF = {pre_caption(t.text(p), 1000): t.name for t in _TEMPLATES for p in t.params}
+
+
+def nlvr_family(sentence: str) -> str | None:
+    """The statement family ("contains", "count", "more", ...) of one of the world's NLVR2 sentences, raw or
+    as the dataset gives it; ``None`` for a sentence the world never writes (e.g. any real NLVR2 sentence)."""
+    return _FAMILY_OF.get(pre_caption(sentence, 1000))
 
 
 def _near_miss(rng: np.random.Generator, template: _Template, left: Scene, right: Scene) -> tuple[str, str] | None:

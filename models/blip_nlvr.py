@@ -16,12 +16,13 @@ from models.med import BertModel
 class BlipNLVR(PrunableTowers, nn.Module):
     """``visual_encoder`` sees both images as one batch; the text encoder's every layer has two
     cross-attention branches (image 0 and image 1), averaged in layers < 6 and merged by
-    ``merge_layer`` above; ``cls_head`` maps the final [ENC] state to two classes (1 = True)."""
+    ``merge_layer`` above; ``cls_head`` maps the final [ENC] state to two classes (1 = True), or to
+    ``num_classes`` (three for the text-assignment pre-training of ``tasks.text_assignment``)."""
 
     task = "nlvr"
     TOWERS = ("visual_encoder", "text_encoder")
 
-    def __init__(self, config: Mapping[str, Any], image_size: int = 384, tokenizer=None):
+    def __init__(self, config: Mapping[str, Any], image_size: int = 384, tokenizer=None, num_classes: int = 2):
         super().__init__()
         self.visual_encoder, vision_width = create_vit(config, image_size, drop_path_rate=0.1)
         self.tokenizer = tokenizer or build_tokenizer(config)
@@ -30,7 +31,7 @@ class BlipNLVR(PrunableTowers, nn.Module):
             cfg, add_pooling_layer=False, twin_cross_attention=True, merge_from=cfg.num_hidden_layers // 2
         )
         hidden = cfg.hidden_size
-        self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         for m in self.cls_head:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=cfg.initializer_range)

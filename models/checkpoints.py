@@ -222,10 +222,14 @@ def _resolve_tied(sd: dict[str, Tensor], target: Mapping[str, Tensor], source: s
     return covered
 
 
-def _allowed_missing(task: str, detected: str, extra: Iterable[str]) -> list[str]:
+def _allowed_missing(task: str, detected: str, extra: Iterable[str], sd: Mapping[str, Any]) -> list[str]:
     patterns = list(extra)
     if detected == "pretrain" and task != "pretrain":
         patterns += _FRESH_FROM_PRETRAINED.get(task, ())
+    if task == "nlvr" and detected == "nlvr" and not any(k.startswith("cls_head.") for k in sd):
+        # A two-image pre-trained file (text assignment, exported without its 3-way head): no classifier
+        # to load, so the model keeps its fresh one.
+        patterns.append("cls_head.*")
     return patterns
 
 
@@ -260,7 +264,8 @@ def load_blip_checkpoint(
     Keys the model has and the file lacks, or the other way round, are errors unless allowed:
     ``*.embeddings.position_ids``, queue buffers the model lacks, towers of a pretrained file the task
     does not use, and from a pretrained file the retrieval ``idx_queue``/``ptr_queue`` and the NLVR2
-    ``merge_layer``/``cls_head``; plus the glob patterns ``allow_missing``/``allow_unexpected``
+    ``merge_layer``/``cls_head``, and the NLVR2 ``cls_head`` of a twin file that has none (text-assignment
+    pre-training); plus the glob patterns ``allow_missing``/``allow_unexpected``
     (method extras such as mask parameters). ``strict=False`` downgrades the remaining
     missing/unexpected keys to a warning; a shape mismatch or a checkpoint of another task is always
     an error.
@@ -286,7 +291,7 @@ def load_blip_checkpoint(
         _split_cross_attention(sd, shapes, report)
     covered = _resolve_tied(sd, target, name, report)
 
-    missing_ok = _allowed_missing(task, detected, allow_missing)
+    missing_ok = _allowed_missing(task, detected, allow_missing, sd)
     unexpected_extra = list(allow_unexpected)
     missing = [k for k in target if k not in sd and k not in covered]
     unexpected = [k for k in sd if k not in target]

@@ -3,7 +3,11 @@
     python scripts/export_weights.py output/demo/pretrain/checkpoint_best.pth \
         checkpoints/demo/blip_tiny_pretrain.pth --half
 
-Tensors that share storage in the model (tied or shared modules) stay shared in the output file.
+Tensors that share storage in the model (tied or shared modules) stay shared in the output file. ``--drop``
+leaves out a module, e.g. the 3-way head of text-assignment pre-training before NLVR2 fine-tuning:
+
+    python scripts/export_weights.py output/demo/text_assignment/checkpoint_last.pth \
+        checkpoints/demo/blip_tiny_twin.pth --half --drop cls_head
 """
 
 import argparse
@@ -16,8 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
 
-def export(src: str, dst: str, half: bool = False) -> dict:
+def export(src: str, dst: str, half: bool = False, drop: tuple[str, ...] = ()) -> dict:
     sd = utils.unwrap_state_dict(utils.load_checkpoint_file(src), src)
+    prefixes = tuple(p.rstrip(".") + "." for p in drop)
+    dropped = [k for k in sd if k.startswith(prefixes)] if prefixes else []
+    if drop and not dropped:
+        raise KeyError(f"{src} has no keys under {', '.join(drop)}; nothing to drop")
+    sd = {k: v for k, v in sd.items() if k not in set(dropped)}
     converted: dict[tuple, torch.Tensor] = {}
     out = {}
     for key, t in sd.items():
@@ -36,8 +45,11 @@ def main() -> None:
     p.add_argument("src", help="a checkpoint (training or model-only)")
     p.add_argument("dst", help="output .pth with {'model': state_dict}")
     p.add_argument("--half", action="store_true", help="store floating-point tensors as fp16")
+    p.add_argument(
+        "--drop", action="append", default=[], metavar="MODULE", help="leave out a module's keys (repeatable)"
+    )
     args = p.parse_args()
-    sd = export(args.src, args.dst, args.half)
+    sd = export(args.src, args.dst, args.half, tuple(args.drop))
     print(f"wrote {args.dst}: {len(sd)} tensors, {Path(args.dst).stat().st_size / 2**20:.1f} MiB")
 
 

@@ -9,6 +9,7 @@ import torch
 
 import utils
 from data import create_dataset
+from data.synthetic import NLVR_FAMILIES, nlvr_family
 from models.blip import BLIP_DEFAULTS
 from models.blip_nlvr import BlipNLVR
 from tasks.common import DATA_DEFAULTS, blip_loader, build_loaders, model_device
@@ -44,14 +45,28 @@ class NLVRTask:
 
     @torch.no_grad()
     def evaluate(self, model, loader, split: str) -> dict[str, float]:
+        """Accuracy; on the synthetic world also ``by_statement``, the accuracy of each statement family, which
+        shows what a weak model gets wrong (it is left out when any sentence is not the world's)."""
         device = model_device(model)
         correct = total = 0.0
+        family_hits = {f: [0.0, 0.0] for f in NLVR_FAMILIES}  # family -> [correct, total]
         for image0, image1, text, targets in utils.progress(loader, desc=f"eval {split}"):
             logits = model(torch.cat([image0, image1]).to(device), list(text))
-            correct += float((logits.argmax(1).cpu() == targets).sum())
-            total += targets.numel()
-        c, n = utils.all_reduce_sum([correct, total])
-        return {"acc": 100.0 * c / max(n, 1), "n": int(n)}
+            hits = (logits.argmax(1).cpu() == targets).tolist()
+            correct += sum(hits)
+            total += len(hits)
+            for sentence, hit in zip(text, hits):
+                family = nlvr_family(sentence)
+                if family is not None:
+                    family_hits[family][0] += hit
+                    family_hits[family][1] += 1
+        sums = utils.all_reduce_sum([correct, total, *(x for pair in family_hits.values() for x in pair)])
+        c, n = sums[:2]
+        out: dict[str, Any] = {"acc": 100.0 * c / max(n, 1), "n": int(n)}
+        per_family = dict(zip(NLVR_FAMILIES, zip(sums[2::2], sums[3::2])))
+        if n and sum(fn for _, fn in per_family.values()) == n:
+            out["by_statement"] = {f: 100.0 * fc / fn for f, (fc, fn) in per_family.items() if fn}
+        return out
 
 
 def build_task(config: Mapping, train_loader) -> NLVRTask:

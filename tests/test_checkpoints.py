@@ -253,6 +253,24 @@ def test_missing_ordinary_key_is_an_error(tmp_path):
         load_blip_checkpoint(task_model("nlvr"), path, "nlvr")
 
 
+def test_nlvr_file_without_a_classifier_keeps_the_fresh_one(tmp_path):
+    # Text-assignment pre-training is exported without its 3-way head: every other key loads, cls_head stays.
+    sd = official_state_dict("nlvr")
+    for k in [k for k in sd if k.startswith("cls_head.")]:
+        del sd[k]
+    model = task_model("nlvr")
+    before = snapshot(model)
+    report = load_blip_checkpoint(model, save(tmp_path, {"model": sd}, "twin.pth"), "nlvr")
+    assert sorted(report.missing) == sorted(k for k in before if k.startswith("cls_head."))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in report.missing)
+    assert all(torch.equal(after[k], sd[k]) for k in sd if k in after)
+    # Only the whole head may be absent: one layer of it missing is still an error.
+    sd["cls_head.0.weight"] = before["cls_head.0.weight"]
+    with pytest.raises(CheckpointError, match=r"model keys missing.*cls_head\.0\.bias"):
+        load_blip_checkpoint(task_model("nlvr"), sd, "nlvr")
+
+
 def test_shape_mismatch_is_an_error_even_when_not_strict(tmp_path):
     sd = official_state_dict("vqa")
     key = "text_encoder.encoder.layer.0.intermediate.dense.weight"

@@ -205,3 +205,20 @@ def test_existing_run_is_not_silently_restarted(world, tmp_path):
     p = run(script(*args_for(world, out)[1:]), check=False)  # without --demo, which implies --overwrite
     assert p.returncode != 0 and "--resume" in p.stderr
     assert (out / "checkpoint_last.pth").read_bytes() == b"x"
+
+
+def test_freeze_keeps_the_named_modules_fixed_in_a_dense_run(world, tmp_path):
+    first = tmp_path / "first"
+    run(script(*args_for(world, first, epochs=1)))
+    start = final_params(first)
+    frozen = tmp_path / "frozen"
+    extra = ["--pretrained", str(first / "checkpoint_last.pth"), "--set", "freeze=[patch_embed, blocks.0]"]
+    p = run(script(*args_for(world, frozen, epochs=1, extra=extra)))
+    assert "froze" in p.stderr + p.stdout
+    end = final_params(frozen)
+    fixed = [k for k in start if k.startswith(("patch_embed.", "blocks.0."))]
+    assert fixed and all(torch.equal(start[k], end[k]) for k in fixed)
+    assert not torch.equal(start["blocks.1.mlp.fc1.weight"], end["blocks.1.mlp.fc1.weight"])
+
+    p = run(script(*args_for(world, tmp_path / "bad", epochs=1, extra=["--set", "freeze=[blocks.9]"])), check=False)
+    assert p.returncode != 0 and "'blocks.9' names no parameter" in p.stderr and "'blocks'" in p.stderr

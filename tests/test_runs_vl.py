@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import ensure_world
+from data.synthetic import NLVR_FAMILIES, ensure_world
 
 REPO = Path(__file__).resolve().parents[1]
 MED = {
@@ -83,6 +83,7 @@ def run(cmd):
 
 MAIN_METRIC = {
     "nlvr": ("val", "acc"),
+    "text_assignment": ("val", "acc"),
     "caption": ("val", "CIDEr"),
     "vqa": ("test", "vqa_acc"),
     "retrieval": ("val", "r_mean"),
@@ -90,9 +91,9 @@ MAIN_METRIC = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["nlvr", "caption", "vqa", "retrieval"])
+@pytest.mark.parametrize("task", ["nlvr", "caption", "vqa", "retrieval", "text_assignment"])
 def test_train_then_equal_evaluation_on_one_and_two_processes(setup, tmp_path, task):
-    script = f"compress_{task}.py"
+    script = "pretrain_nlvr.py" if task == "text_assignment" else f"compress_{task}.py"
     train = tmp_path / "train"
     run([sys.executable, script, *tiny_args(setup, train, task)])
     res = json.loads((train / "results.json").read_text())
@@ -121,3 +122,25 @@ def test_train_then_equal_evaluation_on_one_and_two_processes(setup, tmp_path, t
     m2 = json.loads((two / "results.json").read_text())["metrics"]
     assert m1 == m2
     assert m1[split][metric] == pytest.approx(res["metrics"][split][metric])
+
+
+@pytest.mark.slow
+def test_nlvr_fine_tunes_from_text_assignment_weights_without_their_head(setup, tmp_path):
+    import torch
+
+    ta = tmp_path / "ta"
+    run([sys.executable, "pretrain_nlvr.py", *tiny_args(setup, ta, "text_assignment")])
+    res = json.loads((ta / "results.json").read_text())
+    val_images = json.loads((setup / "world" / "annotation" / "coco_karpathy_val.json").read_text())
+    assert res["metrics"]["val"]["n"] == sum(len(e["caption"]) for e in val_images)  # every caption is an item
+    assert "by_statement" not in res["metrics"]["val"]  # captions are no NLVR2 statements
+    head = torch.load(res["checkpoint"], weights_only=True)["model"]["cls_head.2.weight"]
+    assert head.shape[0] == 3
+
+    twin = tmp_path / "twin.pth"
+    run([sys.executable, "scripts/export_weights.py", res["checkpoint"], str(twin), "--drop", "cls_head"])
+    out = tmp_path / "nlvr"
+    p = run([sys.executable, "compress_nlvr.py", *tiny_args(setup, out, "nlvr"), "--set", f"pretrained={twin}"])
+    assert "4 keys left initialised: cls_head.0.weight" in p.stderr + p.stdout
+    nlvr = json.loads((out / "results.json").read_text())["metrics"]["val"]
+    assert set(nlvr["by_statement"]) <= set(NLVR_FAMILIES)

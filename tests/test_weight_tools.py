@@ -57,3 +57,18 @@ def test_export_keeps_shared_tensors_and_halves(tmp_path):
     assert m["a.weight"].dtype == torch.float16 and m["c"].dtype == torch.int64
     assert m["a.weight"].data_ptr() == m["b.weight"].data_ptr()  # stored once, still shared
     assert torch.equal(m["a.weight"], shared.half())
+
+
+def test_export_drops_a_module_and_names_a_missing_one(tmp_path):
+    sd = {"cls_head.0.weight": torch.ones(2), "cls_head_extra.w": torch.ones(1), "text.w": torch.zeros(3)}
+    src, dst = tmp_path / "ckpt.pth", tmp_path / "w.pth"
+    torch.save({"model": sd}, src)
+
+    def run(*extra):
+        cmd = [sys.executable, "scripts/export_weights.py", str(src), str(dst), *extra]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+    assert run("--drop", "cls_head").returncode == 0
+    assert set(torch.load(dst, weights_only=True)["model"]) == {"cls_head_extra.w", "text.w"}  # whole names only
+    bad = run("--drop", "merge_layer")
+    assert bad.returncode != 0 and "no keys under merge_layer" in bad.stderr
