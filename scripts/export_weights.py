@@ -22,11 +22,12 @@ import utils  # noqa: E402
 
 def export(src: str, dst: str, half: bool = False, drop: tuple[str, ...] = ()) -> dict:
     sd = utils.unwrap_state_dict(utils.load_checkpoint_file(src), src)
-    prefixes = tuple(p.rstrip(".") + "." for p in drop)
-    dropped = [k for k in sd if k.startswith(prefixes)] if prefixes else []
-    if drop and not dropped:
-        raise KeyError(f"{src} has no keys under {', '.join(drop)}; nothing to drop")
-    sd = {k: v for k, v in sd.items() if k not in set(dropped)}
+    if drop:
+        prefixes = tuple(p.rstrip(".") + "." for p in drop)
+        kept = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+        if len(kept) == len(sd):
+            raise KeyError(f"{src} has no keys under {', '.join(drop)}; nothing to drop")
+        sd = kept
     converted: dict[tuple, torch.Tensor] = {}
     out = {}
     for key, t in sd.items():
