@@ -642,7 +642,8 @@ def _device(args: argparse.Namespace) -> torch.device:
 def _train_split(task: str, config: dict, transform: str) -> Dataset:
     from data import build_imagenet_transform, build_transform, create_dataset
 
-    split = create_dataset(TASKS[task][3], config)[0]
+    # One sample per NLVR2 statement, as the seeds take them, even where training batches a pair's statements.
+    split = create_dataset(TASKS[task][3], {**config, "nlvr_group_pairs": False})[0]
     if task == "classification":
         if config["num_classes"] is None:
             config["num_classes"] = len(split.classes)

@@ -196,6 +196,8 @@ class Engine:
         """Train for ``max_epoch`` epochs (after ``search_epochs`` of pruner search, if the pruner has one),
         evaluating every ``eval_every`` epochs, after compression and at the end."""
         self._train_loader = train_loader
+        if not resume and utils.is_main_process():  # a fresh run in a reused output_dir: the log is this run's alone
+            (self.output_dir / "log.jsonl").unlink(missing_ok=True)
         if resume:
             self.load_checkpoint(resume)
         elif self.pruner is not None and not self.state.dense:

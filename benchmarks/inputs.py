@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from data.nlvr import NLVRPairBatch
 from models.blip import lm_targets, tokenize
 
 __all__ = ["TASKS", "Probe", "batch_probe", "image_size", "seed_probe", "speed_probe"]
@@ -168,7 +169,11 @@ def _nlvr_seed(model: nn.Module) -> Probe:
 
 
 def _nlvr_batch(model: nn.Module, batch: Sequence[Any], dataset: Any) -> Probe:
-    image0, image1, text, _ = batch
+    if isinstance(batch, NLVRPairBatch):  # statements grouped by image pair: measured as BLIP runs them, one by one
+        image0, image1 = batch.images[batch.pairs[:, 0]], batch.images[batch.pairs[:, 1]]
+        text = batch.text
+    else:
+        image0, image1, text, _ = batch
     return _nlvr(model, torch.cat([image0, image1]).to(_device(model)), list(text))
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from data.captions import CaptionEvalDataset, CaptionTrainDataset, RetrievalEvalDataset, image_id_from_path
 from data.imagenet import ImageNetDataset
-from data.nlvr import NLVRDataset, TextAssignmentDataset
+from data.nlvr import NLVRDataset, NLVRPairDataset, TextAssignmentDataset
 from data.transforms import RandomAugment, build_imagenet_transform, build_transform
 from data.utils import ImageLoadError, load_image, pre_caption, pre_question
 from data.vqa import TRAIN_FILES, VQATestDataset, VQATrainDataset, vqa_collate_fn
@@ -56,7 +56,7 @@ def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
 
     ``name`` is one of ``DATASETS``, or "retrieval" with ``config["dataset"]`` in {coco, flickr}.
     Reads ``image_root``, ``ann_root``, ``image_size``, and per task ``prompt`` (captioning),
-    ``vqa_root``/``vg_root``/``train_files`` (VQA), ``nlvr_eval_swap`` and ``seed`` (NLVR2),
+    ``vqa_root``/``vg_root``/``train_files`` (VQA), ``nlvr_eval_swap``, ``nlvr_group_pairs`` and ``seed`` (NLVR2),
     ``ta_train_files``/``ta_val_files`` and ``seed`` (text assignment), plus
     the transform switches of ``build_transform`` (or ``build_imagenet_transform``).
     """
@@ -90,8 +90,9 @@ def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
     if name == "nlvr":
         swap = bool(config.get("nlvr_eval_swap", True))
         seed = int(config.get("seed") or 0)
+        cls = NLVRPairDataset if config.get("nlvr_group_pairs") else NLVRDataset
         return tuple(
-            NLVRDataset(tf, image_root, ann_root, split, eval_swap=swap, swap_seed=seed)
+            cls(tf, image_root, ann_root, split, eval_swap=swap, swap_seed=seed)
             for tf, split in ((train_tf, "train"), (test_tf, "val"), (test_tf, "test"))
         )
     if name == "text_assignment":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
 
 from data.utils import AnnotationDataset, Transform, pre_caption
 
@@ -63,19 +67,86 @@ class NLVRDataset(AnnotationDataset):
             return random.random() >= 0.5
         return self.eval_swap and eval_swap_decision(self.swap_seed, index)
 
-    def __getitem__(self, index: int):
+    def _statement(self, index: int) -> tuple[str, int, bool]:
+        """(sentence as the model reads it, label, whether the two images are exchanged) of entry ``index``."""
         ann = self.annotation[index]
-        path0, path1 = ann["images"]
-        image0 = self._load(self.image_root, path0, index)
-        image1 = self._load(self.image_root, path1, index)
-        sentence = pre_caption(ann["sentence"], self.max_words)
         if ann["label"] not in ("True", "False"):
             source, local = self._source_of(index)
             raise ValueError(f'entry {local} of {source} has label {ann["label"]!r}; expected "True" or "False"')
-        label = int(ann["label"] == "True")
-        if self._swap(index):
-            return image1, image0, swap_left_right(sentence), label
-        return image0, image1, sentence, label
+        sentence = pre_caption(ann["sentence"], self.max_words)
+        swapped = self._swap(index)
+        return (swap_left_right(sentence) if swapped else sentence), int(ann["label"] == "True"), swapped
+
+    def _pair(self, index: int) -> tuple[str, str]:
+        images = self.annotation[index].get("images")
+        if not isinstance(images, (list, tuple)) or len(images) != 2:
+            source, local = self._source_of(index)
+            raise ValueError(f'entry {local} of {source} needs "images": a list of two paths; it has {images!r}')
+        return images[0], images[1]
+
+    def __getitem__(self, index: int):
+        path0, path1 = self._pair(index)
+        image0 = self._load(self.image_root, path0, index)
+        image1 = self._load(self.image_root, path1, index)
+        sentence, label, swapped = self._statement(index)
+        return (image1, image0, sentence, label) if swapped else (image0, image1, sentence, label)
+
+
+class NLVRPairBatch(NamedTuple):
+    """A batch of statements that share image pairs: each pair's two images are encoded once.
+
+    ``images`` holds both images of every pair in the batch, pair by pair ((2P, C, H, W)); row ``s`` of
+    ``pairs`` ((S, 2), long) gives the rows of ``images`` that statement ``s`` reads as its first and its
+    second image (already exchanged for a swapped statement, whose left/right words are mirrored too).
+    """
+
+    images: Tensor
+    pairs: Tensor
+    text: list[str]
+    targets: Tensor
+
+
+class NLVRPairDataset(NLVRDataset):
+    """NLVR2 with one item per image pair: the pair's two images and all of its statements.
+
+    It reads the same files and makes the same per-statement swap decisions (evaluation: the same coin for the
+    same entry), so the statements, labels and what the model is asked are those of :class:`NLVRDataset`; only
+    the grouping differs. Where pairs carry several statements (the synthetic world writes four per pair) the
+    images are decoded and encoded once per pair instead of once per statement. Batch with
+    :func:`collate_pairs`; batch sizes count pairs.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index in range(len(self.annotation)):
+            groups.setdefault(self._pair(index), []).append(index)
+        self.groups = list(groups.items())  # ((path0, path1), entry indices), in order of first appearance
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_statements(self) -> int:
+        return len(self.annotation)
+
+    def __getitem__(self, index: int):
+        (path0, path1), entries = self.groups[index]
+        image0 = self._load(self.image_root, path0, entries[0])
+        image1 = self._load(self.image_root, path1, entries[0])
+        return image0, image1, [self._statement(i) for i in entries]
+
+
+def collate_pairs(batch: list) -> NLVRPairBatch:
+    """Collate :class:`NLVRPairDataset` items into an :class:`NLVRPairBatch`."""
+    images, pairs, text, targets = [], [], [], []
+    for p, (image0, image1, statements) in enumerate(batch):
+        images += [image0, image1]
+        for sentence, label, swapped in statements:
+            pairs.append((2 * p + 1, 2 * p) if swapped else (2 * p, 2 * p + 1))
+            text.append(sentence)
+            targets.append(label)
+    return NLVRPairBatch(torch.stack(images), torch.tensor(pairs, dtype=torch.long), text, torch.tensor(targets))
 
 
 TA_CLASSES = ("first", "second", "neither")

@@ -201,17 +201,19 @@ def build_transform(split: str, image_size: int, config: Mapping | None = None) 
     """BLIP's pipelines; ``split`` is "train" or an evaluation split ("val", "test", "eval").
 
     Config switches: ``hflip`` (default true), ``randaug`` (default true), ``crop_scale``
-    (default [0.5, 1.0]). The synthetic data turns off flips because a flip breaks its left/right
-    statements, as it does for NLVR2's, where BLIP nonetheless flips.
+    (default [0.5, 1.0]; [1.0, 1.0] means no crop, the whole picture resized as for evaluation). The
+    synthetic data turns off flips because a flip breaks its left/right statements, as it does for
+    NLVR2's, where BLIP nonetheless flips.
     """
     normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD), v2.ToPureTensor()]
+    resize = v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
     if split != "train":
-        resize = v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
         return v2.Compose([resize, v2.ToImage(), *normalize])
     scale = tuple(float(s) for s in _get(config, "crop_scale", (0.5, 1.0)))
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
-    steps: list[Any] = [v2.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)]
+    crop = v2.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+    steps: list[Any] = [resize if scale == (1.0, 1.0) else crop]
     if _get(config, "hflip", True):
         steps.append(v2.RandomHorizontalFlip())
     steps.append(v2.ToImage())

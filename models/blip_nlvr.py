@@ -37,13 +37,18 @@ class BlipNLVR(PrunableTowers, nn.Module):
                 nn.init.normal_(m.weight, std=cfg.initializer_range)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, image: Tensor, text: list[str], targets: Tensor | None = None) -> Tensor:
-        """``image`` is [images0; images1] stacked (2B, 3, H, W). Returns the loss when ``targets`` is
-        given, else the logits (B, 2)."""
+    def forward(
+        self, image: Tensor, text: list[str], targets: Tensor | None = None, pairs: Tensor | None = None
+    ) -> Tensor:
+        """``image`` is [images0; images1] stacked (2B, 3, H, W), or, with ``pairs`` ((B, 2) long), any set
+        of images of which sentence ``b`` reads rows ``pairs[b]`` (each image is encoded once however many
+        sentences read it). Returns the loss when ``targets`` is given, else the logits (B, 2)."""
         image_embeds = self.visual_encoder.forward_features(image)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        e0, e1 = image_embeds.chunk(2, dim=0)
-        a0, a1 = image_atts.chunk(2, dim=0)
+        if pairs is None:
+            e0, e1 = image_embeds.chunk(2, dim=0)
+        else:
+            e0, e1 = image_embeds[pairs[:, 0]], image_embeds[pairs[:, 1]]
+        a0 = a1 = torch.ones(e0.shape[:-1], dtype=torch.long, device=image.device)
         t = tokenize(self.tokenizer, text, image.device, first=self.tokenizer.enc_token_id, padding="longest")
         hidden = self.text_encoder(t.input_ids, t.attention_mask, [e0, e1], [a0, a1])
         logits = self.cls_head(hidden[:, 0])

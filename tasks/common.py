@@ -32,21 +32,25 @@ def build_loaders(
     eval_sets: Mapping[str, Dataset],
     collate_fn: Callable | None = None,
     shard_eval: bool = True,
+    eval_collate_fn: Callable | None = None,
+    batch_sizes: tuple[int, int] | None = None,
 ) -> tuple[Any, dict]:
     """Train loader over a DistributedSampler (also with one process: the data order then depends only
     on (seed, epoch), which exact resume relies on); eval loaders sharded without padding, or the full
-    split on every rank when ``shard_eval`` is False (retrieval)."""
+    split on every rank when ``shard_eval`` is False (retrieval). ``batch_sizes`` (train, eval) replaces
+    the config's ``batch_size_train`` / ``batch_size_test``."""
     world, rank = dist.world_size, dist.rank
     samplers = [DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"])]
     samplers += [ShardSampler(ds, world, rank) if shard_eval else None for ds in eval_sets.values()]
     n = 1 + len(eval_sets)
+    train_bs, eval_bs = batch_sizes or (config["batch_size_train"], config["batch_size_test"])
     loaders = create_loader(
         [train_set, *eval_sets.values()],
         samplers,
-        batch_size=[config["batch_size_train"]] + [config["batch_size_test"]] * (n - 1),
+        batch_size=[train_bs] + [eval_bs] * (n - 1),
         num_workers=[config["num_workers"]] * n,
         is_trains=[True] + [False] * (n - 1),
-        collate_fns=[collate_fn] + [None] * (n - 1),
+        collate_fns=[collate_fn] + [eval_collate_fn] * (n - 1),
         seed=config["seed"],
         fork_parity_seeding=config["fork_parity_seeding"],
         rank=rank,

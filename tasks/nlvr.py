@@ -9,6 +9,7 @@ import torch
 
 import utils
 from data import create_dataset
+from data.nlvr import NLVRPairBatch, NLVRPairDataset, collate_pairs
 from data.synthetic import NLVR_FAMILIES, nlvr_family
 from models.blip import BLIP_DEFAULTS
 from models.blip_nlvr import BlipNLVR
@@ -21,12 +22,40 @@ SCHEMA: dict[str, Any] = {
     "batch_size_train": 32,
     "batch_size_test": 128,
     "nlvr_eval_swap": True,
+    # Batch the statements of one image pair together and encode its images once (data.nlvr.NLVRPairDataset).
+    # Off, as in BLIP: every statement is its own item. The batch sizes still count statements: a loader takes
+    # batch_size / (statements per pair of the split) pairs per batch.
+    "nlvr_group_pairs": False,
 }
+
+
+def _pairs_per_batch(batch_size: int, dataset) -> int:
+    return max(1, round(batch_size * len(dataset) / max(1, dataset.num_statements)))
 
 
 def build_data(config: dict, dist: utils.DistInfo):
     train, val, test = create_dataset("nlvr", config)
-    return build_loaders(config, dist, train, {"val": val, "test": test})
+    if not isinstance(train, NLVRPairDataset):
+        return build_loaders(config, dist, train, {"val": val, "test": test})
+    sizes = (_pairs_per_batch(config["batch_size_train"], train), _pairs_per_batch(config["batch_size_test"], val))
+    return build_loaders(
+        config, dist, train, {"val": val, "test": test}, collate_pairs, eval_collate_fn=collate_pairs, batch_sizes=sizes
+    )
+
+
+def _run(model, batch, targets: bool = True):
+    """The model on a plain batch (images stacked [image0; image1]) or an NLVRPairBatch (``pairs`` passed on).
+    Returns (loss or logits, targets on the CPU, sentences)."""
+    device = model_device(model)
+    if isinstance(batch, NLVRPairBatch):
+        images, pairs, text, labels = batch
+        extra = {"pairs": pairs.to(device)}
+    else:
+        image0, image1, text, labels = batch
+        images, text, extra = torch.cat([image0, image1]), list(text), {}
+    images = images.to(device, non_blocking=True)
+    out = model(images, text, labels.to(device), **extra) if targets else model(images, text, **extra)
+    return out, labels, text
 
 
 def build_model(config: Mapping) -> BlipNLVR:
@@ -38,20 +67,16 @@ class NLVRTask:
     main_metric = "acc"
 
     def train_step(self, model, batch, info) -> dict[str, torch.Tensor]:
-        image0, image1, text, targets = batch
-        device = model_device(model)
-        images = torch.cat([image0, image1]).to(device, non_blocking=True)
-        return {"loss": model(images, list(text), targets.to(device))}
+        return {"loss": _run(model, batch)[0]}
 
     @torch.no_grad()
     def evaluate(self, model, loader, split: str) -> dict[str, float]:
         """Accuracy; on the synthetic world also ``by_statement``, the accuracy of each statement family, which
         shows what a weak model gets wrong (it is left out when any sentence is not the world's)."""
-        device = model_device(model)
         correct = total = 0.0
         family_hits = {f: [0.0, 0.0] for f in NLVR_FAMILIES}  # family -> [correct, total]
-        for image0, image1, text, targets in utils.progress(loader, desc=f"eval {split}"):
-            logits = model(torch.cat([image0, image1]).to(device), list(text))
+        for batch in utils.progress(loader, desc=f"eval {split}"):
+            logits, targets, text = _run(model, batch, targets=False)
             hits = (logits.argmax(1).cpu() == targets).tolist()
             correct += sum(hits)
             total += len(hits)

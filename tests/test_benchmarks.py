@@ -214,6 +214,12 @@ def test_eval_batch_average_equals_the_dummy_count_for_same_shaped_inputs(tiny_c
     assert avg["flops"] == dummy["flops"] and avg["macs"] == dummy["macs"]
     shorter = average_cost(nlvr, "nlvr", [(img, img, ["a b"] * 3, None)])
     assert shorter["macs"] < dummy["macs"]  # the batch's own text is what is counted
+    # Statements batched by image pair are counted as BLIP runs them, each with its two images.
+    from data.nlvr import NLVRPairBatch
+
+    pairs = NLVRPairBatch(img[:2], torch.tensor([[0, 1], [1, 0], [0, 1]]), [inputs.NLVR_SENTENCE] * 3, torch.zeros(3))
+    grouped = average_cost(nlvr, "nlvr", [pairs])
+    assert grouped["samples"] == 3 and grouped["macs"] == dummy["macs"]
 
     caption = BlipCaption(tiny_cfg, SIZE).eval()
     avg = average_cost(caption, "caption", [(torch.randn(2, 3, SIZE, SIZE), torch.arange(2))] * 3, max_batches=2)

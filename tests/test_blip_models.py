@@ -96,6 +96,31 @@ def test_nlvr_trains_and_predicts(tiny):
     assert model(torch.cat([images(), images()]), ["a", "b"]).shape == (2, 2)
 
 
+def test_nlvr_pairs_encode_each_image_once_and_change_nothing_else(tiny):
+    model = build("nlvr", tiny).eval()
+    pictures = images(3)
+    pairs = torch.tensor([[0, 1], [1, 0], [2, 0], [0, 1]])
+    text = ["a red circle", "two", "of", "a red circle two"]
+    targets = torch.tensor([0, 1, 1, 0])
+    encoded = []
+    model.visual_encoder.patch_embed.register_forward_hook(lambda m, i, o: encoded.append(i[0].shape[0]))
+
+    stacked = torch.cat([pictures[pairs[:, 0]], pictures[pairs[:, 1]]])
+    expected = model(stacked, text)
+    model(stacked, text, targets).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = model(pictures, text, pairs=pairs)
+    model(pictures, text, targets, pairs=pairs).backward()
+
+    assert encoded == [8, 8, 3, 3]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert model.visual_encoder.cls_token.grad is not None
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_retrieval_step_updates_queues(tiny):
     model = build("retrieval", tiny)
     ita, itm = model(images(4), ["a red circle", "two", "a", "of"], 0.4, torch.tensor([0, 1, 2, 3]))

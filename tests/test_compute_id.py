@@ -304,3 +304,16 @@ def test_cli_errors_name_the_problem(world, tiny, tmp_path):
         compute_id.main(cli_args(world, tmp_path, "caption", "--max-memory", "10KB", **sets))
     with pytest.raises(SystemExit, match="cannot tell the task from the config file name"):
         compute_id.main(["--config", str(Path(tiny["med_config"]))])
+
+
+def test_cli_nlvr_takes_one_sample_per_statement_though_the_demo_batches_pairs(world, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    sets = tiny_blip_sets(tiny) | {"randaug": False, "nlvr_group_pairs": True}
+    # A random text encoder maps the world's few distinct sentences to duplicates, so some text modules get no ID;
+    # what matters here is that 96 statements, each with its two pictures, were measured.
+    with pytest.raises(SystemExit, match=r"modules have no ID .*of 96: "):
+        compute_id.main(cli_args(world, tmp_path, "nlvr", "--estimator", "textbook", **sets))
+    ids = json.loads((tmp_path / "ids.json").read_text())
+    vision = {k: v for k, v in ids.items() if k.startswith("visual_encoder.")}
+    assert len(vision) == 8 and all(v["id"] > 0 for v in vision.values())
+    assert ids["text_encoder.encoder.layer.1.crossattention.self1.key"]["id"] > 0

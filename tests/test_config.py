@@ -118,7 +118,7 @@ NLVR_DENSE = "checkpoints/demo/blip_tiny_nlvr.pth"
     [
         (["--demo", "--pruner", "upop", "--set", "upop.epochs=3"], 3, NLVR_DENSE),
         (["--demo", "--pruner", "upop", "--set", "upop.epochs=3", "--epoch", "5"], 5, NLVR_DENSE),
-        (["--demo", "--set", "upop.epochs=3"], 20, "checkpoints/demo/blip_tiny_twin.pth"),  # no pruner, no effect
+        (["--demo", "--set", "upop.epochs=3"], 36, "checkpoints/demo/blip_tiny_twin.pth"),  # no pruner, no effect
         (["--demo", "--pruner", "platon", "--pretrained", "x.pth"], 8, "x.pth"),
     ],
 )

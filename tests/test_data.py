@@ -32,7 +32,7 @@ from data import (
     pre_question,
     vqa_collate_fn,
 )
-from data.nlvr import eval_swap_decision
+from data.nlvr import NLVRPairDataset, collate_pairs, eval_swap_decision
 from data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, OPS, RandomAugment, apply_op, op_magnitude
 
 SIZE = 8
@@ -369,11 +369,57 @@ def test_nlvr_eval_swap_is_deterministic(world):
     assert {_order(unswapped[i]) for i in range(16)} == {"kept"}
 
 
+def _shared_pairs(tmp_path):
+    """A dev file whose first image pair carries three statements (entries 0, 2, 5) and the second three."""
+    a, b = ["dev/d0-img0.png", "dev/d0-img1.png"], ["dev/d1-img0.png", "dev/d1-img1.png"]
+    sentences = ["The LEFT image has two dogs.", "one image has a cat", "the right image has a cat", "no", "yes", "x"]
+    entries = [
+        {"images": a if i in (0, 2, 5) else b, "sentence": t, "label": "True" if i % 2 else "False"}
+        for i, t in enumerate(sentences)
+    ]
+    _write_json(tmp_path / "nlvr_dev.json", entries)
+    return tmp_path
+
+
+def test_nlvr_pair_dataset_groups_statements_and_asks_each_what_the_plain_dataset_asks(tmp_path, world):
+    ann = _shared_pairs(tmp_path)
+    plain = NLVRDataset(TEST_TF, world / "nlvr", ann, "val")
+    grouped = NLVRPairDataset(TEST_TF, world / "nlvr", ann, "val")
+    assert len(grouped) == 2 and grouped.num_statements == 6
+    assert [entries for _, entries in grouped.groups] == [[0, 2, 5], [1, 3, 4]]
+    # The evaluation coin of each statement is its own, so one pair holds swapped and kept statements.
+    assert {eval_swap_decision(0, i) for i in (0, 2, 5)} == {True, False}
+
+    batch = collate_pairs([grouped[0], grouped[1]])
+    assert batch.images.shape == (4, 3, SIZE, SIZE) and batch.pairs.dtype == torch.long
+    for row, index in enumerate([0, 2, 5, 1, 3, 4]):
+        image0, image1, sentence, label = plain[index]
+        first, second = batch.pairs[row].tolist()
+        assert {first, second} == ({0, 1} if index in (0, 2, 5) else {2, 3})
+        assert torch.equal(batch.images[first], image0) and torch.equal(batch.images[second], image1)
+        assert batch.text[row] == sentence and int(batch.targets[row]) == label
+
+
+def test_nlvr_pair_dataset_swaps_each_training_statement_on_its_own(tmp_path, world, monkeypatch):
+    ann = _shared_pairs(tmp_path)
+    (ann / "nlvr_train.json").write_text((ann / "nlvr_dev.json").read_text())
+    grouped = NLVRPairDataset(TEST_TF, world / "nlvr", ann, "train")
+    coins = iter([0.2, 0.7, 0.9])
+    monkeypatch.setattr(random, "random", lambda: next(coins))
+    batch = collate_pairs([grouped[0]])
+    assert batch.pairs.tolist() == [[0, 1], [1, 0], [1, 0]]
+    assert batch.text == ["the left image has two dogs", "the left image has a cat", "x"]
+    assert _order((batch.images[0], batch.images[1])) == "kept"
+
+
 def test_nlvr_rejects_unknown_label(tmp_path, world):
     _write_json(tmp_path / "nlvr_dev.json", [{**NLVR_TRAIN[0], "label": "true"}])
     ds = NLVRDataset(TEST_TF, world / "nlvr", tmp_path, "val")
     with pytest.raises(ValueError, match="nlvr_dev.json.*'true'"):
         ds[0]
+    _write_json(tmp_path / "nlvr_dev.json", [NLVR_TRAIN[0], {**NLVR_TRAIN[1], "images": ["train/p1-img0.png"]}])
+    with pytest.raises(ValueError, match=r"entry 1 of .*nlvr_dev\.json needs \"images\": a list of two paths"):
+        NLVRPairDataset(TEST_TF, world / "nlvr", tmp_path, "val")
 
 
 # ---------------------------------------------------------------- VQA
@@ -755,9 +801,13 @@ def test_train_transform_switches():
     ]
     plain = build_transform("train", 10, {"hflip": False, "randaug": False, "crop_scale": [1.0, 1.0]})
     assert "RandomHorizontalFlip" not in names(plain) and "RandomAugment" not in names(plain)
-    assert plain.transforms[0].scale == (1.0, 1.0)
+    # crop_scale [1, 1] is no crop at all: training sees exactly what evaluation sees
+    striped = Image.fromarray(np.arange(20 * 16 * 3, dtype=np.uint8).reshape(16, 20, 3))
+    assert names(plain)[0] == "Resize" and torch.equal(plain(striped), build_transform("test", 10)(striped))
+    cropped = build_transform("train", 10, {"hflip": False, "randaug": False, "crop_scale": [0.8, 1.0]})
+    assert cropped.transforms[0].scale == (0.8, 1.0)
     # a uniform image stays uniform under crop + resize when nothing else runs
-    assert torch.allclose(plain(img), _expected_pixel((9, 99, 199))[:, None, None].expand(3, 10, 10), atol=1e-5)
+    assert torch.allclose(cropped(img), _expected_pixel((9, 99, 199))[:, None, None].expand(3, 10, 10), atol=1e-5)
     with pytest.raises(ValueError, match="crop_scale"):
         build_transform("train", 10, {"crop_scale": [0.9, 0.1]})
 

@@ -61,6 +61,11 @@ def test_training_reduces_loss_and_writes_outputs(tmp_path):
     assert (tmp_path / CHECKPOINT_LAST).exists() and (tmp_path / CHECKPOINT_BEST).exists()
     assert res["params"] == 5 and res["best_epoch"] in (0, 1, 2)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    # Starting afresh in the same folder replaces the log; resuming extends it.
+    make_engine(tmp_path, max_epoch=2).fit(train, {"val": val})
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]
+    make_engine(tmp_path, max_epoch=3).fit(train, {"val": val}, resume=tmp_path / CHECKPOINT_LAST)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -147,6 +147,38 @@ def test_nlvr_evaluation_reports_accuracy_per_statement_family(world):
     assert out["n"] == 2 and "by_statement" not in out
 
 
+class _SaysTrueWhenLeftIsDarker(torch.nn.Module):
+    """Compares the two images a statement reads: it depends on which picture is which."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, text, pairs=None):
+        if pairs is None:
+            first, second = images.chunk(2)
+        else:
+            assert images.shape[0] < 2 * len(text)  # each picture once, though statements share them
+            first, second = images[pairs[:, 0]], images[pairs[:, 1]]
+        says = first.mean(dim=(1, 2, 3)) < second.mean(dim=(1, 2, 3))
+        return torch.stack([(~says).float(), says.float()], dim=1)
+
+
+def test_grouped_nlvr_scores_every_statement_as_the_plain_split_does(world):
+    from data.nlvr import collate_pairs
+    from tasks.nlvr import NLVRTask, _pairs_per_batch
+
+    _, val, _ = create_dataset("nlvr", cfg(world, image_root=str(world / "nlvr")))
+    _, grouped, _ = create_dataset("nlvr", cfg(world, image_root=str(world / "nlvr"), nlvr_group_pairs=True))
+    assert grouped.num_statements == len(val) == 4 * len(grouped)  # the world writes four per pair
+    assert _pairs_per_batch(32, grouped) == 8 and _pairs_per_batch(2, grouped) == 1
+
+    plain = NLVRTask().evaluate(_SaysTrueWhenLeftIsDarker(), torch.utils.data.DataLoader(val, batch_size=7), "val")
+    loader = torch.utils.data.DataLoader(grouped, batch_size=3, collate_fn=collate_pairs)
+    assert NLVRTask().evaluate(_SaysTrueWhenLeftIsDarker(), loader, "val") == plain
+    assert 0 < plain["acc"] < 100
+
+
 @pytest.mark.parametrize(
     "name,root", [("caption_coco", "coco"), ("retrieval_coco", "coco"), ("retrieval_flickr", "flickr")]
 )
