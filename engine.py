@@ -196,18 +196,19 @@ class Engine:
         """Train for ``max_epoch`` epochs (after ``search_epochs`` of pruner search, if the pruner has one),
         evaluating every ``eval_every`` epochs, after compression and at the end."""
         self._train_loader = train_loader
-        if not resume and utils.is_main_process():  # a fresh run in a reused output_dir: the log is this run's alone
-            (self.output_dir / "log.jsonl").unlink(missing_ok=True)
         if resume:
             self.load_checkpoint(resume)
-        elif self.pruner is not None and not self.state.dense:
-            # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
-            self.state.dense = {
-                "metrics": self.evaluate(eval_loaders),
-                "params": utils.count_parameters(self.model),
-                **self.dense_cost,
-            }
-            log.info("dense model before pruning: %s", _fmt(self.state.dense))
+        else:
+            if utils.is_main_process():  # a fresh run in a reused output_dir: the log is this run's alone
+                (self.output_dir / "log.jsonl").unlink(missing_ok=True)
+            if self.pruner is not None and not self.state.dense:
+                # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
+                self.state.dense = {
+                    "metrics": self.evaluate(eval_loaders),
+                    "params": utils.count_parameters(self.model),
+                    **self.dense_cost,
+                }
+                log.info("dense model before pruning: %s", _fmt(self.state.dense))
         micro_per_epoch = len(train_loader)
         if micro_per_epoch == 0:
             raise ValueError("the training loader is empty (dataset smaller than one batch with drop_last?)")
