@@ -9,6 +9,7 @@ config key with type checking; ``--demo`` runs on the built-in synthetic world.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 
 import utils
-from config import ConfigError, load_config
-from engine import CHECKPOINT_LAST, ENGINE_DEFAULTS, Engine, EngineConfig
+from config import ConfigError, check_values, load_config
+from engine import CHECKPOINT_LAST, ENGINE_CHECKS, ENGINE_DEFAULTS, Engine, EngineConfig
 from utils import log
 
 REPO = Path(__file__).resolve().parent
@@ -37,6 +38,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # Module paths (e.g. visual_encoder) whose weights a dense run keeps fixed; a pruning run trains every
     # weight it keeps, as the seeds do, and ignores this.
     "freeze": [],
+    # A compressed weights file without its architecture description is an error; true infers the widths from
+    # the tensor shapes instead (the seeds' released *_compressed.pth files carry no description).
+    "infer_arch": False,
 }
 
 
@@ -80,8 +84,10 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
             "Runs as plain `python` on one device (CPU included) or under "
             "`torchrun --nproc_per_node=N -- compress_<task>.py ...`\n"
             "(the `--` stops torchrun from reading --p as an abbreviation of its own flags).\n"
-            "Every run writes <output_dir>/config.yaml, log.jsonl (one line per epoch), "
-            "checkpoint_last.pth (every epoch),\ncheckpoint_best.pth and results.json."
+            "Every training run writes <output_dir>/config.yaml, log.jsonl (one line per epoch), "
+            "checkpoint_last.pth (every epoch),\ncheckpoint_best.pth and results.json; an output_dir that "
+            "holds a run is refused unless --resume or --overwrite.\n--evaluate writes "
+            "eval_<checkpoint name>.json (numbered if it exists) and touches no run's files."
         ),
     )
     p.add_argument(
@@ -97,10 +103,23 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         "under output/demo/ with --demo)",
     )
     p.add_argument("--pretrained", default=None, help="weights to start from or to evaluate (overrides config)")
-    p.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
+    p.add_argument(
+        "--infer_arch",
+        action="store_true",
+        help="read a compressed model's widths from its tensor shapes when the file has no architecture "
+        "description (the seeds' released *_compressed.pth files); without it such a file is an error",
+    )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="evaluate only, no training; writes eval_<checkpoint name>.json (never a run's results.json)",
+    )
     p.add_argument("--resume", default=None, help="a checkpoint_last.pth to continue a run exactly")
     p.add_argument(
-        "--overwrite", action="store_true", help="allow starting afresh in an output_dir that already holds a run"
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an output_dir that already holds a run: the earlier run's files are removed once "
+        "the new run has written its first checkpoint, not before",
     )
     p.add_argument("--pruner", default="none", choices=sorted(PRUNERS), help="compression method")
     p.add_argument("--p", type=float, default=None, help="pruning ratio / target (method-specific)")
@@ -137,16 +156,16 @@ def _flag_dest(flag: str) -> str:
     return "pruner_flag_" + flag.lstrip("-").replace("-", "_")
 
 
-def _pruner_flags(args: argparse.Namespace) -> list[str]:
-    """``--set`` items for the pruner flags given on the command line (applied after --set: more specific)."""
+def _pruner_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Config keys of the pruner flags given on the command line (applied after --set: more specific)."""
     from pruners import PRUNERS
 
-    items = []
+    items = {}
     for cls in PRUNERS.values():
         for flag, (key, _, _) in (cls.FLAGS if cls is not None else {}).items():
             value = getattr(args, _flag_dest(flag), None)
             if value is not None:
-                items.append(f"{key}={value}")
+                items[key] = value
     return items
 
 
@@ -169,8 +188,13 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
         flags["seed"] = args.seed
     if args.p is not None:
         flags["p"] = args.p
-    config = load_config(path, schema, [*args.overrides, *_pruner_flags(args)], flags=flags)
+    if getattr(args, "infer_arch", False):
+        flags["infer_arch"] = True
+    pruner_flags = _pruner_flags(args)
+    config = load_config(path, schema, args.overrides, flags={**flags, **pruner_flags})
+    check_values(config, ENGINE_CHECKS, str(path))
     pruner = getattr(args, "pruner", "none")
+    _apply_p(config, pruner, pruner_flags)
     if pruner != "none":
         if args.pretrained is None and config["pruner_pretrained"]:
             # Pruners start from the task-fine-tuned dense model, not from the pre-trained one.
@@ -191,6 +215,28 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
     return config
 
 
+def _apply_p(config: dict, pruner: str, pruner_flags: Mapping[str, Any]) -> None:
+    """``p`` in the terms of a pruner whose own option says it another way (PLATON: final_threshold = 1 - p);
+    it beats the config file, and a flag for the same option must agree."""
+    from pruners import PRUNERS
+
+    cls = PRUNERS.get(pruner)
+    if cls is None or config["p"] is None:
+        return
+    try:
+        implied = cls.options_from_p(float(config["p"]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, value in implied.items():
+        given = pruner_flags.get(f"{pruner}.{key}")
+        if given is not None and abs(float(given) - value) > 1e-9:
+            flag = next(f for f, (k, _, _) in cls.FLAGS.items() if k == f"{pruner}.{key}")
+            raise ConfigError(
+                f"--p {config['p']} means {pruner}.{key} = {value:g}, but {flag} gives {given}; give one of them"
+            )
+        config[pruner][key] = value
+
+
 def _abs(p: str | Path) -> Path:
     p = Path(p)
     return p if p.is_absolute() else (Path.cwd() / p)
@@ -207,13 +253,28 @@ def _substitute(obj: Any, key: str, value: str) -> Any:
 
 
 def _check_output_dir(output_dir: Path, args: argparse.Namespace) -> None:
-    """Refuse to silently start over on top of an earlier run's checkpoints."""
+    """Refuse to silently start over on top of an earlier run's checkpoints (demos included); an evaluation
+    writes a file of its own and may go anywhere."""
     last = output_dir / CHECKPOINT_LAST
-    if last.exists() and not (args.resume or args.evaluate or args.overwrite or args.demo):
+    if last.exists() and not (args.resume or args.evaluate or args.overwrite):
         raise SystemExit(
             f"error: {output_dir} already holds a run ({last.name}); pass --resume {last} to continue it, "
-            "--overwrite to start over, or another --output_dir"
+            "--overwrite to start over (the earlier run's files go once the new run has a checkpoint), "
+            "or another --output_dir"
         )
+
+
+def evaluation_file(output_dir: Path, checkpoint: str, overwrite: bool = False) -> Path:
+    """``<output_dir>/eval_<checkpoint name>.json``; an existing one is kept and a numbered name chosen
+    (``eval_<name>.2.json``, ...) unless ``overwrite``."""
+    name = Path(checkpoint).name
+    for suffix in (".safetensors", ".pth", ".pt", ".ckpt", ".bin"):
+        name = name.removesuffix(suffix)
+    base = "eval_" + (re.sub(r"[^\w.-]+", "_", name) or "weights")
+    path, k = output_dir / f"{base}.json", 2
+    while path.exists() and not overwrite:
+        path, k = output_dir / f"{base}.{k}.json", k + 1
+    return path
 
 
 def default_output_dir(spec: TaskSpec, args: argparse.Namespace) -> str:
@@ -225,26 +286,42 @@ def default_output_dir(spec: TaskSpec, args: argparse.Namespace) -> str:
 
 
 def main(spec: TaskSpec, argv: list[str] | None = None) -> dict:
+    """Parse, check everything that can be checked without data or weights (config keys and values, the
+    pruner's options, the output folder), then run."""
+    from pruners import build_pruner
+
     args = build_parser(spec).parse_args(argv)
+    if args.epoch is not None and args.epoch < 1:
+        raise SystemExit(f"error: --epoch must be at least 1, got {args.epoch}")
+    if args.p is not None and args.pruner == "none":
+        raise SystemExit("error: --p is a pruner's ratio and does nothing without --pruner NAME")
     try:
         config = resolve_config(spec, args)
-    except ConfigError as e:
+        pruner = build_pruner(args.pruner, config)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.evaluate and not config["pretrained"]:
+        raise SystemExit("error: --evaluate needs weights to evaluate: give --pretrained (or pretrained in the config)")
     output_dir = Path(args.output_dir or default_output_dir(spec, args))
     _check_output_dir(output_dir, args)
 
     dist_info = utils.init_distributed(args.device)
     try:
-        return _run(spec, args, config, output_dir, dist_info)
+        return _run(spec, args, config, pruner, output_dir, dist_info)
     finally:
         utils.cleanup_distributed()
 
 
-def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.DistInfo) -> dict:
-    from pruners import build_pruner
-
+def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info: utils.DistInfo) -> dict:
     utils.setup_logging(output_dir)
+    if utils.is_main_process():
+        for stale in utils.remove_stale_temporaries(output_dir):
+            log.info("removed %s, a file half-written by an earlier run that was stopped", stale)
+    results_file = output_dir / "results.json"
+    if args.evaluate:  # agreed by all ranks: rank 0 looks at the folder
+        results_file = utils.broadcast_object(evaluation_file(output_dir, config["pretrained"], args.overwrite))
     config["_output_dir"] = str(output_dir)
+    config["_result_dir"] = str(output_dir / "result" / (results_file.stem if args.evaluate else ""))
     utils.set_seed(config["seed"] + dist_info.rank)
     if args.demo:
         from data.synthetic import ensure_world
@@ -268,9 +345,8 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
     if config["pretrained"]:
         if spec.load_pretrained is None:
             raise SystemExit(f"error: task {spec.name} cannot load --pretrained weights")
-        spec.load_pretrained(model, config["pretrained"], config)
+        spec.load_pretrained(model, config["pretrained"], config, evaluate=args.evaluate)
     task = spec.build_task(config, train_loader)
-    pruner = build_pruner(args.pruner, config)
     if config["freeze"] and pruner is None:
         n = utils.freeze_parameters(model, config["freeze"])
         log.info("froze %d parameter tensors under %s", n, ", ".join(config["freeze"]))
@@ -293,11 +369,10 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
     )
     if args.evaluate:
         metrics = engine.evaluate(eval_loaders)
-        engine.write_config()
         results = {
             "metrics": metrics,
             "params": utils.count_parameters(model),
-            "checkpoint": config["pretrained"] or None,
+            "checkpoint": config["pretrained"],
         }
         if pruner is not None:  # e.g. the measured sparsity of a pruned checkpoint
             results["pruner_report"] = pruner.report()
@@ -317,8 +392,10 @@ def _run(spec: TaskSpec, args, config: dict, output_dir: Path, dist_info: utils.
         "command": " ".join(sys.argv),
         "time_s": round(time.time() - t0, 2),
     }
-    utils.write_json(output_dir / "results.json", results)
-    log.info("results: %s", results["metrics"])
+    if args.evaluate:  # a training run writes config.yaml; an evaluation keeps its config in its own file
+        results["config_values"] = engine.config
+    utils.write_json(results_file, results)
+    log.info("results: %s (%s)", results["metrics"], results_file)
     if results.get("dense"):
         log.info("%s", _comparison(results))
     return results

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,16 @@ def validate(config: Mapping, schema: Mapping, source: str = "", prefix: str = "
     return out
 
 
+def check_values(config: Mapping, checks: Mapping[str, tuple[Callable[[Any], bool], str]], source: str = "") -> None:
+    """Every ``key -> (test, wanted)`` of ``checks`` holds for ``config[key]`` (absent or None is skipped); else a
+    ConfigError naming the key, the value, what it must be and where the config came from."""
+    where = f" (from {source} and the command line)" if source else ""
+    for key, (test, wanted) in checks.items():
+        value = config.get(key)
+        if value is not None and not test(value):
+            raise ConfigError(f"config key '{key}'{where} must be {wanted}, got {value!r}")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.sub=value`` -> (key.sub, YAML-typed value); ``lr=1e-5`` gives a float, ``x=[1,2]`` a list."""
     if "=" not in item:
@@ -145,25 +155,39 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def set_key(config: dict, key: str, value: Any, schema: Mapping | None = None, origin: str = "") -> None:
+    """Set the dotted ``key`` of ``config`` in place. With ``schema`` the key must exist there and the value
+    must have its type; errors name ``origin`` (e.g. ``--set lr=x``), not the config file."""
+    where = f" (from {origin})" if origin else ""
+    parts = key.split(".")
+    node, spec = config, schema
+    for i, part in enumerate(parts):
+        if spec is not None:
+            if not isinstance(spec, Mapping) or part not in spec:
+                valid = spec.keys() if isinstance(spec, Mapping) else []
+                raise _unknown_key(key, valid, where)
+            spec = spec[part]
+        if i < len(parts) - 1:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin or key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+            continue
+        if spec is not None:
+            if isinstance(spec, dict) and spec and isinstance(value, dict):
+                value = validate(value, spec, origin, prefix=f"{key}.")
+            elif not _type_ok(value, spec):
+                raise ConfigError(
+                    f"config key '{key}'{where} expects {_type_name(spec)}, got {type(value).__name__} {value!r}"
+                )
+        node[part] = value
+
+
 def apply_overrides(config: dict, overrides: Iterable[str], schema: Mapping | None = None) -> dict:
-    """Apply ``--set`` overrides in order; keys are checked against ``schema`` when given."""
+    """Apply ``--set`` overrides in order; keys and value types are checked against ``schema`` when given."""
     config = copy.deepcopy(config)
     for item in overrides or ():
         key, value = parse_override(item)
-        parts = key.split(".")
-        node, spec = config, schema
-        for i, part in enumerate(parts):
-            if spec is not None:
-                if not isinstance(spec, Mapping) or part not in spec:
-                    valid = spec.keys() if isinstance(spec, Mapping) else []
-                    raise _unknown_key(key, valid, " (from --set)")
-                spec = spec[part]
-            if i == len(parts) - 1:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+        set_key(config, key, value, schema, f"--set {item}")
     return config
 
 
@@ -171,9 +195,10 @@ def load_config(
     path: str | Path | None, schema: Mapping, overrides: Iterable[str] = (), flags: Mapping | None = None
 ) -> dict:
     """Read ``path`` (optional), patch with ``overrides`` (``--set``) then ``flags`` (dedicated command-line
-    flags such as ``--pretrained``, which are the more specific), validate against ``schema``."""
+    flags such as ``--pretrained``, which are the more specific: dotted key -> typed value), validate
+    against ``schema``."""
     raw = load_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides, schema)
-    if flags:
-        raw = {**raw, **flags}
+    for key, value in (flags or {}).items():
+        set_key(raw, key, value, schema, f"a command-line flag for {key}")
     return validate(raw, schema, source=str(path) if path is not None else "")

@@ -25,6 +25,20 @@ from utils import DistInfo, log
 
 CHECKPOINT_LAST = "checkpoint_last.pth"
 CHECKPOINT_BEST = "checkpoint_best.pth"
+LOG = "log.jsonl"
+# What a training run leaves in its output folder (the engine's files, then the entry script's). A fresh run
+# started over an earlier one (--overwrite) removes the earlier run's files once its own first checkpoint is on
+# disk, never before.
+RUN_FILES = (
+    LOG,
+    "config.yaml",
+    CHECKPOINT_LAST,
+    CHECKPOINT_BEST,
+    "results.json",
+    "model_compressed.safetensors",
+    "model_compressed.json",
+    "model_compressed.pth",
+)
 
 # Engine keys every task config accepts (the task schemas add their own).
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -45,6 +59,22 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "num_workers": 4,
     "eval_every": 1,
+}
+
+
+# Ranges of the engine keys, checked (file and key named) before anything is built: key -> (test, wanted).
+ENGINE_CHECKS: dict[str, tuple[Any, str]] = {
+    "max_epoch": (lambda v: v >= 1, "at least 1"),
+    "accum_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 1, "at least 1"),
+    "init_lr": (lambda v: v >= 0, "at least 0"),
+    "min_lr": (lambda v: v >= 0, "at least 0"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "warmup_steps": (lambda v: v >= 0, "at least 0"),
+    "grad_clip": (lambda v: v >= 0, "at least 0 (0 = off)"),
+    "num_workers": (lambda v: v >= 0, "at least 0"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    "amp_dtype": (lambda v: v in ("bfloat16", "float16"), "bfloat16 or float16"),
 }
 
 
@@ -154,6 +184,11 @@ class Engine:
         self.optimizer = self._build_optimizer()
         self.state = TrainState()
         self._train_loader = None
+        self._phase = ""  # the phase of the epoch being trained, recorded in checkpoints
+        # Whether checkpoint_last.pth is this run's (written, or resumed from): the non-finite-loss message says so.
+        self._own_checkpoint = False
+        # Files of an earlier run in output_dir, removed once this (fresh) run has written its first checkpoint.
+        self._earlier: list[str] = []
         # A pruner with a search phase (UPop) trains with it for search_epochs, compresses the model,
         # then retrains the smaller model for max_epoch epochs; other pruners act during training.
         self.search_epochs = int(getattr(pruner, "search_epochs", 0) or 0) if pruner is not None else 0
@@ -198,9 +233,11 @@ class Engine:
         self._train_loader = train_loader
         if resume:
             self.load_checkpoint(resume)
+            self._own_checkpoint = True
         else:
-            if utils.is_main_process():  # a fresh run in a reused output_dir: the log is this run's alone
-                (self.output_dir / "log.jsonl").unlink(missing_ok=True)
+            # A fresh run in a reused output_dir (--overwrite): the earlier run's files stay until this run has a
+            # checkpoint of its own, then go (so the log, results and best checkpoint are this run's alone).
+            self._earlier = [name for name in RUN_FILES if (self.output_dir / name).exists()]
             if self.pruner is not None and not self.state.dense:
                 # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
                 self.state.dense = {
@@ -232,6 +269,7 @@ class Engine:
         for epoch in range(self.state.epoch + 1, search + self.cfg.max_epoch):
             t0 = time.time()
             phase = Phase.of(epoch, search, self.cfg.max_epoch, steps_per_epoch)
+            self._phase = phase.name
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
@@ -259,7 +297,7 @@ class Engine:
             }
             if pruning:
                 record["pruner"] = self.pruner.report()
-            utils.append_jsonl(self.output_dir / "log.jsonl", record)
+            utils.append_jsonl(self.output_dir / LOG, record)
             log.info("epoch %d: %s", epoch, _fmt(record))
         return self.results()
 
@@ -321,7 +359,15 @@ class Engine:
         finite = utils.all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         if finite[0] > 0:
             kept = self.output_dir / CHECKPOINT_LAST
-            kept_msg = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+            if self._own_checkpoint:
+                kept_msg = f"the last good checkpoint {kept} (epoch {self.state.epoch}) is kept"
+            elif self._earlier:
+                kept_msg = (
+                    f"this run wrote no checkpoint; the earlier run's files in {self.output_dir} "
+                    f"({', '.join(self._earlier)}) are untouched"
+                )
+            else:
+                kept_msg = "no checkpoint was written"
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
                 f"(optimizer step {self.state.global_step}); stopping, {kept_msg}"
@@ -361,7 +407,19 @@ class Engine:
             extra["arch"] = {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
         if utils.is_main_process():
             utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
+            self._checkpoint_written(path)
         utils.barrier()
+
+    def _checkpoint_written(self, path: Path) -> None:
+        """This run has a checkpoint on disk: the files an earlier run left in output_dir go now."""
+        self._own_checkpoint = self._own_checkpoint or path.name == CHECKPOINT_LAST
+        if not self._earlier:
+            return
+        removed = [name for name in self._earlier if name != path.name]
+        for name in removed:
+            (self.output_dir / name).unlink(missing_ok=True)
+        self._earlier = []
+        log.info("this run's first checkpoint is written; removed the earlier run's %s", ", ".join(removed) or "-")
 
     def write_config(self) -> None:
         """``config.yaml`` is written with the first checkpoint or result, never before: a run that fails
@@ -387,8 +445,13 @@ class Engine:
                 "state": vars(self.state),
                 "config": self.config,
                 "world_size": self.dist.world_size,
+                # What the file holds, so that a resume by the wrong run is refused by name.
+                "task": self.task.name,
+                "pruner_name": self.pruner.name if self.pruner is not None else "none",
+                "phase": self._phase,
             }
             utils.atomic_torch_save(ckpt, path)
+            self._checkpoint_written(path)
         self.write_config()
         utils.barrier()
 
@@ -399,6 +462,7 @@ class Engine:
             raise utils.CheckpointError(
                 f"{path} is not a training checkpoint (missing {missing}); to start from weights use --pretrained"
             )
+        self._check_resumable(path, ckpt)
         if self.pruner is not None and ckpt.get("pruner"):
             # First: a pruner that had compressed the model cuts it to the saved widths again.
             self.pruner.load_state_dict(ckpt["pruner"])
@@ -406,8 +470,15 @@ class Engine:
                 self.model.to(self.device)
                 self._wrap()
                 self.optimizer = self._build_optimizer()
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[:4]
+            raise utils.CheckpointError(
+                f"cannot resume from {path} ({_holds(ckpt)}): it does not fit this run's model and optimizer: "
+                + " ".join(line.strip() for line in first)
+            ) from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
@@ -429,6 +500,22 @@ class Engine:
             "resumed from %s at the end of epoch %d (optimizer step %d)", path, self.state.epoch, self.state.global_step
         )
 
+    def _check_resumable(self, path: str | Path, ckpt: Mapping) -> None:
+        """A checkpoint of another task, or of a run with another pruner, is refused by name."""
+        mine = self.pruner.name if self.pruner is not None else "none"
+        theirs = ckpt.get("pruner_name") or ("an unnamed pruner" if ckpt.get("pruner") else "none")
+        task = ckpt.get("task")
+        if task is not None and task != self.task.name:
+            raise utils.CheckpointError(
+                f"cannot resume from {path}: it holds {_holds(ckpt)}, but this is a {self.task.name} run; "
+                f"resume it with compress_{task}.py, or start from its weights with --pretrained"
+            )
+        if theirs != mine:
+            hint = f"; resume it with --pruner {theirs}" if ckpt.get("pruner_name") else ""
+            raise utils.CheckpointError(
+                f"cannot resume from {path}: it holds {_holds(ckpt)}, but this run has pruner {mine}{hint}"
+            )
+
     # ------------------------------------------------------------------------------------------
     def results(self) -> dict:
         best = self.output_dir / CHECKPOINT_BEST
@@ -443,6 +530,16 @@ class Engine:
             out["dense"] = self.state.dense
             out["pruner_report"] = self.pruner.report()
         return out
+
+
+def _holds(ckpt: Mapping) -> str:
+    """What a training checkpoint holds, in words: task, pruner, phase and epoch."""
+    task = ckpt.get("task", "an unnamed task")
+    pruner = ckpt.get("pruner_name") or ("an unnamed pruner" if ckpt.get("pruner") else "none")
+    phase = ckpt.get("phase")
+    epoch = (ckpt.get("state") or {}).get("epoch")
+    where = ", ".join(x for x in (f"phase {phase}" if phase else "", f"after epoch {epoch}") if x)
+    return f"a run of task {task} with pruner {pruner} ({where})"
 
 
 def _fmt(record: Mapping) -> str:

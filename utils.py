@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -324,12 +326,38 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from e
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"cannot load checkpoint {path} (truncated or corrupt): {e}") from e
+        raise CheckpointError(
+            f"refused to load {path}: it holds pickled Python objects besides tensors and plain containers "
+            f"({_pickled_global(str(e))}), which would run code when unpickled; this project never unpickles "
+            "them. On a machine you trust, re-save its weights as a plain state dict or as safetensors."
+        ) from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         kind = "truncated or corrupt" if path.stat().st_size > 0 else "empty"
         raise CheckpointError(f"cannot load checkpoint {path} ({kind}): {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _pickled_global(message: str) -> str:
+    """What torch's weights-only unpickler refused, e.g. ``GLOBAL posix.system``."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return f"GLOBAL {m.group(1)}" if m else "objects the safe unpickler does not allow"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the half-written ``.<name>.*.tmp`` files that a run killed during an atomic write left in
+    ``folder``; returns them. Call before a run starts writing there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def unwrap_state_dict(obj: Mapping, path: str | Path = "") -> dict:

@@ -112,6 +112,10 @@ def load_annotation(ann_root: str | os.PathLike, filename: str) -> tuple[list, P
         raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
     if not isinstance(data, list):
         raise TypeError(f"annotation file {path} must hold a JSON list, got {type(data).__name__}")
+    if not data:
+        # An empty evaluation split would score 0 of 0 (and could be picked as the best epoch); an empty
+        # training file is a broken download or a wrong path just the same.
+        raise ValueError(f"annotation file {path} holds no entries")
     return data, path
 
 

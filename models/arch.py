@@ -164,10 +164,18 @@ def _dense_unit_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def fit_to_checkpoint(
-    model: nn.Module, sd: Mapping[str, Tensor], arch: Mapping[str, Any] | None, source: str
+    model: nn.Module,
+    sd: Mapping[str, Tensor],
+    arch: Mapping[str, Any] | None,
+    source: str,
+    infer: bool = False,
 ) -> str | None:
-    """Cut ``model`` to the checkpoint's architecture (described, or inferred from shapes); a summary or None.
+    """Cut ``model`` to the checkpoint's architecture; a summary or None.
 
+    A file without a description whose shapes are the dense model's loads as it is. One whose shapes say it
+    is compressed is an error naming the missing description, unless ``infer`` (``--infer_arch``): then the
+    widths are read from the shapes and attention scales follow the seed's convention, which is right for
+    the seeds' released files and wrong for this project's (their scales are in the description).
     Models without prunable units are left alone.
     """
     try:
@@ -177,6 +185,19 @@ def fit_to_checkpoint(
     inferred = arch is None
     if inferred:
         arch = infer_architecture(model, sd, source)
+        differ = sorted(
+            f"{name}.{kind}={size}"
+            for name, kinds in arch["units"].items()
+            for kind, size in kinds.items()
+            if dense.get(name, {}).get(kind) not in (None, size)
+        )
+        if differ and not infer:
+            raise CheckpointError(
+                f"{source} holds a compressed model ({len(differ)} unit widths differ from the dense model, e.g. "
+                f"{', '.join(differ[:3])}) but no architecture description ({_missing_description(source)}); "
+                "restore the description next to it, or pass --infer_arch (config: infer_arch: true) to read the "
+                "widths from the tensor shapes, which is meant for the seeds' released *_compressed.pth files"
+            )
     changed = apply_architecture(model, arch, source)
     if not changed:
         return None
@@ -192,6 +213,13 @@ def fit_to_checkpoint(
 
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def _missing_description(source: str) -> str:
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return f"{_sidecar(path)} does not exist"
+    return "the file has no 'arch' entry"
 
 
 def _unshared(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

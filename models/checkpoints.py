@@ -250,6 +250,7 @@ def load_blip_checkpoint(
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
     source: str | None = None,
+    evaluate: bool = False,
 ) -> LoadReport:
     """Load an official (or same-layout) BLIP checkpoint into our ``task`` model.
 
@@ -268,7 +269,9 @@ def load_blip_checkpoint(
     pre-training); plus the glob patterns ``allow_missing``/``allow_unexpected``
     (method extras such as mask parameters). ``strict=False`` downgrades the remaining
     missing/unexpected keys to a warning; a shape mismatch or a checkpoint of another task is always
-    an error.
+    an error. ``evaluate`` (weights about to be evaluated, not fine-tuned) refuses a file that leaves any
+    model parameter at its initial value (e.g. an NLVR2 file without ``cls_head``), naming the keys; buffers
+    that evaluation never reads (the queues) may still be missing.
     """
     if task not in BLIP_TASKS:
         raise ValueError(f"unknown BLIP task {task!r}; choose from {BLIP_TASKS}")
@@ -303,6 +306,15 @@ def load_blip_checkpoint(
         if k in shapes and v.shape != shapes[k]
     ]
 
+    if evaluate:
+        params = {k for k, _ in model.named_parameters()}
+        untrained = [k for k in missing if k in params and k not in covered]
+        if untrained:
+            raise CheckpointError(
+                f"cannot evaluate {name} as a BLIP {task} model: it lacks {len(untrained)} of the model's weights "
+                f"({_preview(untrained)}), which would be evaluated at their random initial values; "
+                f"give a checkpoint fine-tuned for {task}"
+            )
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_preview(mismatched)}")

@@ -14,7 +14,9 @@ PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop, "platon":
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start
 # from, and one section of options per pruner (its DEFAULTS).
 PRUNER_DEFAULTS: dict[str, Any] = {
-    "p": 0.5,  # pruning ratio / target, method-specific (UPop: share of the cost-weighted mask budget)
+    # The share removed, method-specific (UPop: of the cost-weighted mask budget, default 0.5; PLATON: of the
+    # masked weights, i.e. 1 - final_threshold). None: the pruner's own default.
+    "p": None,
     "pruner_pretrained": "",  # the task-fine-tuned dense model a pruner starts from ("": pretrained)
     **{name: dict(cls.DEFAULTS) for name, cls in PRUNERS.items() if cls is not None},
 }

@@ -21,6 +21,13 @@ class Pruner:
     def __init__(self, config: dict):
         self.config = config
 
+    @classmethod
+    def options_from_p(cls, p: float) -> dict[str, Any]:
+        """What ``--p`` (the top-level ``p``) sets in this pruner's section, for pruners whose own setting says the
+        same thing another way (PLATON: ``final_threshold = 1 - p``); it beats the config file there, and an
+        explicit flag for the same key must agree. Pruners that read ``p`` directly return {}."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         """The pruner's config section (``config[name]``) over its ``DEFAULTS``; an unknown key is an error."""
         opts = {**self.DEFAULTS, **(self.config.get(self.name) or {})}

@@ -388,7 +388,7 @@ class Platon(Pruner):
     DEFAULTS: dict[str, Any] = {
         "epochs": None,  # training epochs with this pruner (None: max_epoch; --epoch wins)
         "importance": "platon",  # platon | magnitude (|w|) | taylor (|w g| of the step)
-        "final_threshold": 0.2,  # remaining ratio at the end: 1 - sparsity of the masked set
+        "final_threshold": 0.2,  # remaining ratio at the end, in (0, 1]: 1 - sparsity of the masked set (1 - p)
         "initial_threshold": 1.0,
         "initial_warmup": 1.0,  # epochs before pruning starts
         "final_warmup": 1.0,  # epochs at the final ratio, masking every step
@@ -407,7 +407,11 @@ class Platon(Pruner):
 
     FLAGS = {
         "--pruner_name": ("platon.importance", str, "importance: PLATON, Magnitude or Taylor"),
-        "--final_threshold": ("platon.final_threshold", float, "remaining ratio at the end (0.2 = 80%% sparsity)"),
+        "--final_threshold": (
+            "platon.final_threshold",
+            float,
+            "remaining ratio at the end, in (0, 1] (0.2 = 80%% sparsity; --p 0.8 says the same)",
+        ),
         "--initial_threshold": ("platon.initial_threshold", float, "remaining ratio before pruning"),
         "--initial_warmup": ("platon.initial_warmup", float, "epochs before pruning starts"),
         "--final_warmup": ("platon.final_warmup", float, "epochs at the final ratio"),
@@ -417,6 +421,13 @@ class Platon(Pruner):
         "--useID": ("platon.use_id", str, "compute_id.py's ids.json: multiply each module's scores by its ID"),
     }
 
+    @classmethod
+    def options_from_p(cls, p: float) -> dict[str, Any]:
+        """``--p`` is the pruned fraction of the masked set: ``final_threshold = 1 - p``."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"platon: --p is the pruned fraction of the masked weights and must be in [0, 1), got {p}")
+        return {"final_threshold": 1.0 - p}
+
     def __init__(self, config: dict):
         super().__init__(config)
         opts = self.options()
@@ -425,11 +436,13 @@ class Platon(Pruner):
             raise ValueError(f"platon.importance must be one of {IMPORTANCES} (any case), got {opts['importance']!r}")
         opts["importance"] = imp
         r0, rf = float(opts["initial_threshold"]), float(opts["final_threshold"])
-        if not 0.0 <= rf <= r0 <= 1.0:
+        if not 0.0 < rf <= r0 <= 1.0:
             raise ValueError(
-                f"platon thresholds are remaining ratios: need 0 <= final_threshold ({rf}) <= "
-                f"initial_threshold ({r0}) <= 1"
+                f"platon thresholds are remaining ratios: need 0 < final_threshold ({rf}) <= "
+                f"initial_threshold ({r0}) <= 1 (final_threshold 0 would zero every masked weight)"
             )
+        if opts["use_id"] and not Path(opts["use_id"]).is_file():
+            raise FileNotFoundError(f"platon.use_id (--useID): ID file {opts['use_id']} does not exist")
         if int(opts["deltaT"]) < 1:
             raise ValueError(f"platon.deltaT must be at least 1, got {opts['deltaT']}")
         if not 0.0 <= float(opts["beta1"]) < 1.0:

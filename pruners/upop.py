@@ -137,13 +137,17 @@ class UPop(Pruner):
     def __init__(self, config: dict):
         super().__init__(config)
         opts = self.options()
-        self.p = float(config.get("p", 0.5))
+        p = config.get("p")
+        self.p = 0.5 if p is None else float(p)  # UPop's "2x"
         if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {self.p}")
+            raise ValueError(f"upop: p (--p) is the pruned share of the mask budget, in [0, 1); got {self.p}")
         if opts["importance"] not in ("gradient", "magnitude"):
             raise ValueError(f"upop.importance must be 'gradient' or 'magnitude', got {opts['importance']!r}")
         if int(opts["interval"]) < 1 or int(opts["round_to"]) < 1:
             raise ValueError("upop.interval and upop.round_to must be at least 1")
+        for key in ("epochs", "search_epochs"):
+            if opts[key] is not None and int(opts[key]) < 1:
+                raise ValueError(f"upop.{key} must be at least 1 (or null), got {opts[key]}")
         self.opts = opts
         self.search_epochs = int(opts["search_epochs"] or config.get("max_epoch", 1))
         self.units: list[Unit] = []

@@ -47,7 +47,8 @@ class CaptionTask:
 
     def __init__(self, config: Mapping):
         self.config = config
-        self.result_dir = Path(config["_output_dir"]) / "result"
+        # Per-sample result files: <output_dir>/result, or a folder of an evaluation's own (set by the entry script).
+        self.result_dir = Path(config.get("_result_dir") or Path(config["_output_dir"]) / "result")
 
     def train_step(self, model, batch, info) -> dict[str, torch.Tensor]:
         image, caption, _ = batch

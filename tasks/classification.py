@@ -92,13 +92,14 @@ def build_task(config: Mapping, train_loader) -> ClassificationTask:
     return ClassificationTask(config["smoothing"])
 
 
-def load_pretrained(model: torch.nn.Module, path: str, config: Mapping) -> None:
+def load_pretrained(model: torch.nn.Module, path: str, config: Mapping, evaluate: bool = False) -> None:
     """Weights from a checkpoint of this project (dense or compressed) or a timm/DeiT state dict with the
-    same layout; a compressed file first cuts the model to its widths (described or inferred)."""
+    same layout, every key required; a compressed file first cuts the model to its widths (described, or
+    inferred with ``infer_arch``)."""
     from models.arch import fit_to_checkpoint, read_weights
 
     sd, arch = read_weights(path)
-    fit_to_checkpoint(model, sd, arch, str(path))
+    fit_to_checkpoint(model, sd, arch, str(path), infer=config.get("infer_arch", False))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise utils.CheckpointError(

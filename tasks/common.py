@@ -39,6 +39,9 @@ def build_loaders(
     on (seed, epoch), which exact resume relies on); eval loaders sharded without padding, or the full
     split on every rank when ``shard_eval`` is False (retrieval). ``batch_sizes`` (train, eval) replaces
     the config's ``batch_size_train`` / ``batch_size_test``."""
+    for split, ds in eval_sets.items():
+        if len(ds) == 0:  # annotation files are checked when read; this catches datasets that filter entries
+            raise ValueError(f"the {split} split is empty ({type(ds).__name__} with no samples)")
     world, rank = dist.world_size, dist.rank
     samplers = [DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"])]
     samplers += [ShardSampler(ds, world, rank) if shard_eval else None for ds in eval_sets.values()]
@@ -61,14 +64,14 @@ def build_loaders(
 def blip_loader(task: str, reset_momentum: bool = False) -> Callable:
     """``load_pretrained`` for a BLIP task: official files (or same-layout ones) through the checkpoint policies."""
 
-    def load(model, path: str, config: Mapping) -> None:
+    def load(model, path: str, config: Mapping, evaluate: bool = False) -> None:
         from models.arch import fit_to_checkpoint, read_weights
         from models.checkpoints import load_blip_checkpoint
 
-        # A compressed checkpoint first cuts the dense model to its widths (described or inferred).
+        # A compressed checkpoint first cuts the dense model to its widths (described, or inferred on request).
         sd, arch = read_weights(path)
-        fit_to_checkpoint(model, sd, arch, str(path))
-        load_blip_checkpoint(model, sd, task, reset_momentum=reset_momentum, source=str(path))
+        fit_to_checkpoint(model, sd, arch, str(path), infer=config.get("infer_arch", False))
+        load_blip_checkpoint(model, sd, task, reset_momentum=reset_momentum, source=str(path), evaluate=evaluate)
 
     return load
 

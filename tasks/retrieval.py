@@ -127,5 +127,5 @@ def build_task(config: Mapping, train_loader) -> RetrievalTask:
     return RetrievalTask(config, len(train_loader))
 
 
-def load_pretrained(model, path: str, config: Mapping) -> None:
-    blip_loader("retrieval", reset_momentum=config["reset_momentum"])(model, path, config)
+def load_pretrained(model, path: str, config: Mapping, evaluate: bool = False) -> None:
+    blip_loader("retrieval", reset_momentum=config["reset_momentum"])(model, path, config, evaluate)

@@ -404,7 +404,7 @@ def test_demo_script_prunes_then_the_checkpoint_evaluates_to_the_same_accuracy(s
             res["checkpoint"],
         ]
     )
-    metrics = json.loads((ev / "results.json").read_text())["metrics"]
+    metrics = json.loads((ev / "eval_checkpoint_best.json").read_text())["metrics"]
     assert metrics["val"]["acc"] == pytest.approx(res["metrics"]["val"]["acc"])
     assert metrics["test"]["acc"] == pytest.approx(res["metrics"]["test"]["acc"])
 

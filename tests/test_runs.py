@@ -115,8 +115,10 @@ def test_torchrun_two_processes_and_equal_evaluation(world, tmp_path):
     one, two = tmp_path / "eval1", tmp_path / "eval2"
     run(script(*args_for(world, one), "--evaluate", "--pretrained", ckpt))
     run(torchrun(2, *args_for(world, two), "--evaluate", "--pretrained", ckpt))
-    m1 = json.loads((one / "results.json").read_text())["metrics"]
-    m2 = json.loads((two / "results.json").read_text())["metrics"]
+    # An evaluation writes eval_<checkpoint name>.json, never results.json.
+    assert not (one / "results.json").exists()
+    m1 = json.loads((one / "eval_checkpoint_best.json").read_text())["metrics"]
+    m2 = json.loads((two / "eval_checkpoint_best.json").read_text())["metrics"]
     assert m1 == m2 and m1["val"]["n"] == len(list((Path(world) / "imagenet" / "val").rglob("*.JPEG")))
 
 
@@ -202,7 +204,7 @@ def test_existing_run_is_not_silently_restarted(world, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint_last.pth").write_bytes(b"x")
-    p = run(script(*args_for(world, out)[1:]), check=False)  # without --demo, which implies --overwrite
+    p = run(script(*args_for(world, out)), check=False)  # --demo runs are no exception
     assert p.returncode != 0 and "--resume" in p.stderr
     assert (out / "checkpoint_last.pth").read_bytes() == b"x"
 

@@ -68,6 +68,6 @@ def test_upop_nlvr_under_torchrun_then_evaluate_the_compressed_checkpoint(setup,
 
     ev = tmp_path / "eval"
     sh("evaluate", "nlvr", "configs/demo/nlvr.yaml", st, str(ev), "--demo", *tiny)
-    metrics = json.loads((ev / "results.json").read_text())["metrics"]
+    metrics = json.loads((ev / "eval_model_compressed.json").read_text())["metrics"]
     assert metrics["val"]["acc"] == pytest.approx(res["metrics"]["val"]["acc"])
     assert metrics["test"]["acc"] == pytest.approx(res["metrics"]["test"]["acc"])

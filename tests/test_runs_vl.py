@@ -118,8 +118,9 @@ def test_train_then_equal_evaluation_on_one_and_two_processes(setup, tmp_path, t
             ckpt,
         ]
     )
-    m1 = json.loads((one / "results.json").read_text())["metrics"]
-    m2 = json.loads((two / "results.json").read_text())["metrics"]
+    name = "eval_" + Path(ckpt).stem + ".json"
+    m1 = json.loads((one / name).read_text())["metrics"]
+    m2 = json.loads((two / name).read_text())["metrics"]
     assert m1 == m2
     assert m1[split][metric] == pytest.approx(res["metrics"][split][metric])
 

@@ -14,6 +14,7 @@ from models.blip import decoder_batch, tokenize
 from models.vit import VisionTransformer
 from pruners.upop import UPop, entry_weight_norms, is_update_step, progressive_ratio, unified_selection
 from tasks.common import blip_loader
+from utils import CheckpointError
 
 TASKS = ["nlvr", "caption", "vqa", "retrieval"]
 
@@ -324,7 +325,9 @@ def test_bare_seed_style_state_dict_loads_with_inferred_widths(tiny, task, tmp_p
     assert inferred["units"] == {
         name: {k: v for k, v in kinds.items() if k != "head"} for name, kinds in architecture(model)["units"].items()
     }
-    blip_loader(task)(fresh, str(path), {})
+    with pytest.raises(CheckpointError, match="no architecture description.*--infer_arch"):
+        blip_loader(task)(build(task, tiny), str(path), {})  # widths are never guessed unasked
+    blip_loader(task)(fresh, str(path), {"infer_arch": True})
     assert architecture(fresh) == architecture(model)
     assert_close(outputs(task, fresh), expected, atol=0)
 
