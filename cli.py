@@ -1,9 +1,10 @@
-"""What every ``compress_*.py`` entry point shares: flags, config, distributed setup, the run itself.
+"""What every entry script shares: flags, config, distributed setup, the run itself.
 
-An entry script describes its task with a :class:`TaskSpec` (how to build data, model and the task
-object) and calls :func:`main`. The seeds' flags keep their names (``--config``, ``--pretrained``,
-``--output_dir``, ``--evaluate``, ``--p``, ``--epoch``, ``--amp``); ``--set key=value`` patches any
-config key with type checking; ``--demo`` runs on the built-in synthetic world.
+An entry script names its task and calls :func:`main`; the config's ``backbone`` key picks the row of the
+(task, backbone) table in :mod:`tasks.registry`, whose task module builds data, model and task object. The
+seeds' flags keep their names (``--config``, ``--pretrained``, ``--output_dir``, ``--evaluate``, ``--p``,
+``--epoch``, ``--amp``); ``--set key=value`` patches any config key with type checking; ``--demo`` runs on
+the built-in synthetic world.
 """
 
 from __future__ import annotations
@@ -12,75 +13,33 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import utils
-from config import ConfigError, check_values, load_config
-from engine import CHECKPOINT_LAST, ENGINE_CHECKS, ENGINE_DEFAULTS, Engine, EngineConfig
+from config import ConfigError
+from engine import CHECKPOINT_LAST, Engine, EngineConfig
+from losses import KDConfig
+from tasks import registry
 from utils import log
 
-REPO = Path(__file__).resolve().parent
-
-# Keys every task accepts besides the engine's: where the synthetic world lives for demos.
-COMMON_DEFAULTS: dict[str, Any] = {
-    **ENGINE_DEFAULTS,
-    "pretrained": "",
-    "world": {"dir": ".synthetic/world", "n": 600, "image_size": 64, "seed": 0},
-    # results.json (and, for pruners, the dense model before pruning) records FLOPs/MACs on the seeds'
-    # dummy inputs and the median latency of one batch-1 inference call on the run's device.
-    "measure_cost": True,
-    "measure_latency": True,
-    # Module paths (e.g. visual_encoder) whose weights a dense run keeps fixed; a pruning run trains every
-    # weight it keeps, as the seeds do, and ignores this.
-    "freeze": [],
-    # A compressed weights file without its architecture description is an error; true infers the widths from
-    # the tensor shapes instead (the seeds' released *_compressed.pth files carry no description).
-    "infer_arch": False,
-}
+REPO = registry.REPO
+EVAL_COST_BATCHES = 4  # evaluation batches a pruning run's eval_flops average over (dense and compressed)
 
 
-@dataclass
-class TaskSpec:
-    name: str  # e.g. "nlvr"; also the default output folder
-    description: str
-    schema: Mapping[str, Any]  # task keys and defaults (COMMON_DEFAULTS are added)
-    default_config: str  # path relative to the repository
-    demo_config: str
-    build_data: Callable[[dict, utils.DistInfo], tuple[Any, dict]]  # -> (train_loader, {split: loader})
-    build_model: Callable[[dict], torch.nn.Module]
-    build_task: Callable[[dict, Any], Any]  # (config, train_loader) -> Task
-    load_pretrained: Callable[[torch.nn.Module, str, dict], None] | None = None
-
-    @classmethod
-    def from_module(cls, module: Any, default_config: str, demo_config: str, description: str) -> TaskSpec:
-        """A spec from a ``tasks.<name>`` module defining SCHEMA, build_data, build_model, build_task and
-        (optionally) load_pretrained."""
-        return cls(
-            name=module.__name__.rsplit(".", 1)[-1],
-            description=description.strip().splitlines()[0],
-            schema=module.SCHEMA,
-            default_config=default_config,
-            demo_config=demo_config,
-            build_data=module.build_data,
-            build_model=module.build_model,
-            build_task=module.build_task,
-            load_pretrained=getattr(module, "load_pretrained", None),
-        )
-
-
-def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
+def build_parser(task: str, description: str = "") -> argparse.ArgumentParser:
     from pruners import PRUNERS
 
+    entry = registry.lookup(task)
     p = argparse.ArgumentParser(
-        prog=f"compress_{spec.name}.py",
-        description=spec.description,
+        prog=entry.script,
+        description=(description or task).strip().splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
+            f"Backbones: {', '.join(registry.backbones(task))} (the config's backbone key; the first is the default).\n"
             "Runs as plain `python` on one device (CPU included) or under "
             "`torchrun --nproc_per_node=N -- compress_<task>.py ...`\n"
             "(the `--` stops torchrun from reading --p as an abbreviation of its own flags).\n"
@@ -91,7 +50,7 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--config", default=None, help=f"task YAML (default {spec.default_config}; {spec.demo_config} with --demo)"
+        "--config", default=None, help=f"task YAML (default {entry.default_config}; {entry.demo_config} with --demo)"
     )
     p.add_argument(
         "--demo", action="store_true", help="tiny model on the built-in synthetic world (generated on first use)"
@@ -99,7 +58,7 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     p.add_argument(
         "--output_dir",
         default=None,
-        help=f"where results go (default output/{spec.name}, or output/PRUNER_{spec.name} with --pruner; "
+        help=f"where results go (default output/{task}, or output/PRUNER_{task} with --pruner; "
         "under output/demo/ with --demo)",
     )
     p.add_argument("--pretrained", default=None, help="weights to start from or to evaluate (overrides config)")
@@ -169,14 +128,9 @@ def _pruner_flags(args: argparse.Namespace) -> dict[str, Any]:
     return items
 
 
-def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
-    from pruners import PRUNER_DEFAULTS
-
-    schema = {**COMMON_DEFAULTS, **PRUNER_DEFAULTS, **spec.schema}
-    path = args.config or (spec.demo_config if args.demo else spec.default_config)
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO / path
+def resolve_config(task: str, args: argparse.Namespace) -> dict:
+    """The run's config: the registry's resolution of the YAML, ``--set`` and the dedicated flags, then what a
+    pruner changes (its dense starting point, its epochs, ``--p`` in its own terms)."""
     flags: dict[str, Any] = {}
     if args.pretrained is not None:
         flags["pretrained"] = args.pretrained
@@ -191,8 +145,9 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
     if getattr(args, "infer_arch", False):
         flags["infer_arch"] = True
     pruner_flags = _pruner_flags(args)
-    config = load_config(path, schema, args.overrides, flags={**flags, **pruner_flags})
-    check_values(config, ENGINE_CHECKS, str(path))
+    _, config = registry.resolve(
+        task, args.config, demo=args.demo, overrides=args.overrides, flags={**flags, **pruner_flags}
+    )
     pruner = getattr(args, "pruner", "none")
     _apply_p(config, pruner, pruner_flags)
     if pruner != "none":
@@ -202,16 +157,6 @@ def resolve_config(spec: TaskSpec, args: argparse.Namespace) -> dict:
         epochs = (config.get(pruner) or {}).get("epochs")
         if args.epoch is None and epochs:  # the pruner's own epoch count (--epoch still wins)
             config["max_epoch"] = epochs
-    if args.demo:
-        world = config["world"]
-        config = _substitute(config, "${world}", str(_abs(world["dir"])))
-    config["_source"] = str(path)
-    # Files shipped with the repository (med_config.json, the demo checkpoint) are found from any cwd.
-    for key in ("pretrained", "pruner_pretrained", "med_config", "tokenizer", "vit_init"):
-        value = config.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
-            if (REPO / value).exists():
-                config[key] = str(REPO / value)
     return config
 
 
@@ -235,21 +180,6 @@ def _apply_p(config: dict, pruner: str, pruner_flags: Mapping[str, Any]) -> None
                 f"--p {config['p']} means {pruner}.{key} = {value:g}, but {flag} gives {given}; give one of them"
             )
         config[pruner][key] = value
-
-
-def _abs(p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else (Path.cwd() / p)
-
-
-def _substitute(obj: Any, key: str, value: str) -> Any:
-    if isinstance(obj, str):
-        return obj.replace(key, value)
-    if isinstance(obj, dict):
-        return {k: _substitute(v, key, value) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_substitute(v, key, value) for v in obj]
-    return obj
 
 
 def _check_output_dir(output_dir: Path, args: argparse.Namespace) -> None:
@@ -277,42 +207,47 @@ def evaluation_file(output_dir: Path, checkpoint: str, overwrite: bool = False) 
     return path
 
 
-def default_output_dir(spec: TaskSpec, args: argparse.Namespace) -> str:
+def default_output_dir(task: str, args: argparse.Namespace) -> str:
     """output/<task>, or output/<pruner>_<task> for a pruning run (so it never lands in the dense run's folder);
     under output/demo/ with --demo."""
     pruner = getattr(args, "pruner", "none")
-    name = spec.name if pruner == "none" else f"{pruner}_{spec.name}"
+    name = task if pruner == "none" else f"{pruner}_{task}"
     return f"output/demo/{name}" if args.demo else f"output/{name}"
 
 
-def main(spec: TaskSpec, argv: list[str] | None = None) -> dict:
+def main(task: str, description: str = "", argv: list[str] | None = None) -> dict:
     """Parse, check everything that can be checked without data or weights (config keys and values, the
-    pruner's options, the output folder), then run."""
+    pruner's options, the output folder), then run ``task``."""
     from pruners import build_pruner
 
-    args = build_parser(spec).parse_args(argv)
+    args = build_parser(task, description).parse_args(argv)
     if args.epoch is not None and args.epoch < 1:
         raise SystemExit(f"error: --epoch must be at least 1, got {args.epoch}")
     if args.p is not None and args.pruner == "none":
         raise SystemExit("error: --p is a pruner's ratio and does nothing without --pruner NAME")
     try:
-        config = resolve_config(spec, args)
+        config = resolve_config(task, args)
+        entry = registry.lookup(task, config["backbone"])
+        module = entry.load()
         pruner = build_pruner(args.pruner, config)
+        kd = KDConfig.from_config(config["teacher"])
+        if kd.active and not Path(kd.path).is_file():
+            raise FileNotFoundError(f"teacher.path: teacher weights {kd.path} do not exist")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.evaluate and not config["pretrained"]:
         raise SystemExit("error: --evaluate needs weights to evaluate: give --pretrained (or pretrained in the config)")
-    output_dir = Path(args.output_dir or default_output_dir(spec, args))
+    output_dir = Path(args.output_dir or default_output_dir(task, args))
     _check_output_dir(output_dir, args)
 
     dist_info = utils.init_distributed(args.device)
     try:
-        return _run(spec, args, config, pruner, output_dir, dist_info)
+        return _run(entry, module, args, config, pruner, kd, output_dir, dist_info)
     finally:
         utils.cleanup_distributed()
 
 
-def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info: utils.DistInfo) -> dict:
+def _run(entry, module, args, config: dict, pruner, kd, output_dir: Path, dist_info: utils.DistInfo) -> dict:
     utils.setup_logging(output_dir)
     if utils.is_main_process():
         for stale in utils.remove_stale_temporaries(output_dir):
@@ -324,15 +259,15 @@ def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info
     config["_result_dir"] = str(output_dir / "result" / (results_file.stem if args.evaluate else ""))
     utils.set_seed(config["seed"] + dist_info.rank)
     if args.demo:
-        from data.synthetic import ensure_world
+        from data.synthetic import ensure_demo_world
 
-        w = config["world"]
         if utils.is_main_process():
-            ensure_world(_abs(w["dir"]), n=w["n"], image_size=w["image_size"], seed=w["seed"])
+            ensure_demo_world(config["world"])
         utils.barrier()
     log.info(
-        "task %s, pruner %s, %d process(es) on %s, config %s",
-        spec.name,
+        "task %s (%s), pruner %s, %d process(es) on %s, config %s",
+        entry.task,
+        entry.backbone,
         args.pruner,
         dist_info.world_size,
         dist_info.device,
@@ -340,22 +275,26 @@ def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info
     )
 
     t0 = time.time()
-    train_loader, eval_loaders = spec.build_data(config, dist_info)
-    model = spec.build_model(config)
+    train_loader, eval_loaders = module.build_data(config, dist_info)
+    model = module.build_model(config)
     if config["pretrained"]:
-        if spec.load_pretrained is None:
-            raise SystemExit(f"error: task {spec.name} cannot load --pretrained weights")
-        spec.load_pretrained(model, config["pretrained"], config, evaluate=args.evaluate)
-    task = spec.build_task(config, train_loader)
+        module.load_pretrained(model, config["pretrained"], config, evaluate=args.evaluate)
+    task = module.build_task(config, train_loader)
+    teacher = None
+    if kd.active and not args.evaluate:  # a frozen model at the dense widths, every weight from its file
+        teacher = module.build_model(config)
+        module.load_pretrained(teacher, kd.path, config, evaluate=True)
+        log.info("distilling from %s (%s, alpha %g, tau %g)", kd.path, kd.kind, kd.alpha, kd.tau)
     if config["freeze"] and pruner is None:
         n = utils.freeze_parameters(model, config["freeze"])
         log.info("froze %d parameter tensors under %s", n, ", ".join(config["freeze"]))
     elif config["freeze"]:
         log.info("freeze %s is for dense runs; the %s run trains every weight it keeps", config["freeze"], args.pruner)
     dense_cost = {}
+    first_split = next(iter(eval_loaders.values()), None) if pruner is not None else None
     if pruner is not None:
         if not (args.evaluate or args.resume):  # the model the pruner starts from, before masks or hooks
-            dense_cost = _model_cost(spec.name, model.to(dist_info.device), config)
+            dense_cost = _model_cost(model.to(dist_info.device), config, first_split)
         pruner.attach(model)
     engine = Engine(
         model,
@@ -366,6 +305,8 @@ def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info
         pruner=pruner,
         config={k: v for k, v in config.items() if not k.startswith("_")},
         dense_cost=dense_cost,
+        teacher=teacher,
+        kd=kd,
     )
     if args.evaluate:
         metrics = engine.evaluate(eval_loaders)
@@ -378,13 +319,14 @@ def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info
             results["pruner_report"] = pruner.report()
     else:
         results = engine.fit(train_loader, eval_loaders, resume=args.resume)
-        if pruner is not None and pruner.compressed:
+        if pruner is not None and pruner.exports_model:
             results["compressed_checkpoint"] = _export_compressed(Path(results["checkpoint"]), output_dir)
     results = {
-        "task": spec.name,
+        "task": entry.task,
+        "backbone": entry.backbone,
         "pruner": args.pruner,
         **results,
-        **_model_cost(spec.name, engine.model, config),  # the model the run ended with (compressed in place)
+        **_model_cost(engine.model, config, first_split),  # the model the run ended with (compressed in place)
         "world_size": dist_info.world_size,
         "device": str(dist_info.device),
         "output_dir": str(output_dir),
@@ -401,20 +343,25 @@ def _run(spec: TaskSpec, args, config: dict, pruner, output_dir: Path, dist_info
     return results
 
 
-def _model_cost(task: str, model: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
-    """FLOPs / MACs per sample on the seeds' dummy inputs and the batch-1 latency of ``model``.
+def _model_cost(model: torch.nn.Module, config: Mapping[str, Any], eval_loader: Any = None) -> dict[str, Any]:
+    """FLOPs / MACs per sample on the seeds' dummy inputs (traced, and from the analytic cost model), with an
+    ``eval_loader`` also averaged over its first batches (``eval_flops``: real inputs, what token pruning acts on),
+    and the batch-1 latency of ``model``.
 
     Every rank runs it: retrieval's counted training step gathers across ranks.
     """
-    from benchmarks.inputs import TASKS
-    from benchmarks.measure import measure_latency, model_cost
+    from benchmarks.measure import average_cost, measure_latency, model_cost
 
-    if task not in TASKS or not config["measure_cost"]:  # pre-training has no seed convention
+    if getattr(model, "cost_probe", None) is None or not config["measure_cost"]:  # pre-training has no convention
         return {}
-    cost = model_cost(model, task)
-    out = {k: cost[k] for k in ("flops", "macs", "params_momentum")} | {"cost_inputs": cost["inputs"]}
+    cost = model_cost(model)
+    keys = ("flops", "macs", "flops_analytic", "macs_analytic", "params_momentum")
+    out = {k: cost[k] for k in keys if k in cost} | {"cost_inputs": cost["inputs"]}
+    if eval_loader is not None:
+        avg = average_cost(model, eval_loader, getattr(eval_loader, "dataset", None), max_batches=EVAL_COST_BATCHES)
+        out |= {"eval_flops": avg["flops"], "eval_macs": avg["macs"], "eval_cost_samples": avg["samples"]}
     if config["measure_latency"]:
-        out["latency_ms"] = 1000 * measure_latency(model, task, batch_size=1)["median_s"]
+        out["latency_ms"] = 1000 * measure_latency(model, batch_size=1)["median_s"]
     return out
 
 
@@ -438,7 +385,7 @@ def _comparison(results: Mapping[str, Any]) -> str:
             before = dense.get("metrics", {}).get(split, {}).get(key)
             if isinstance(value, float) and isinstance(before, float):
                 rows.append(f"  {split} {key}: dense {before:.4g} -> pruned {value:.4g} ({value - before:+.4g})")
-    for key in ("params", "flops", "macs", "latency_ms"):
+    for key in ("params", "flops", "macs", "eval_flops", "latency_ms"):
         if key in dense and key in results:
             a, b = dense[key], results[key]
             rows.append(f"  {key}: dense {a:.4g} -> pruned {b:.4g} (x{b / a:.3f})" if a else f"  {key}: {a} -> {b}")

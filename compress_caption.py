@@ -5,9 +5,8 @@ torchrun --nproc_per_node=8 compress_caption.py --config configs/caption_coco.ya
 """
 
 import cli
-from tasks import caption
 
-SPEC = cli.TaskSpec.from_module(caption, "configs/caption_coco.yaml", "configs/demo/caption.yaml", __doc__)
+TASK = "caption"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

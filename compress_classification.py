@@ -5,11 +5,8 @@ torchrun --nproc_per_node=8 compress_classification.py --config configs/deit_ima
 """
 
 import cli
-from tasks import classification
 
-SPEC = cli.TaskSpec.from_module(
-    classification, "configs/deit_imagenet.yaml", "configs/demo/classification.yaml", __doc__
-)
+TASK = "classification"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

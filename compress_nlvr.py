@@ -5,9 +5,8 @@ torchrun --nproc_per_node=8 compress_nlvr.py --config configs/nlvr.yaml
 """
 
 import cli
-from tasks import nlvr
 
-SPEC = cli.TaskSpec.from_module(nlvr, "configs/nlvr.yaml", "configs/demo/nlvr.yaml", __doc__)
+TASK = "nlvr"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

@@ -5,9 +5,8 @@ torchrun --nproc_per_node=8 compress_retrieval.py --config configs/retrieval_coc
 """
 
 import cli
-from tasks import retrieval
 
-SPEC = cli.TaskSpec.from_module(retrieval, "configs/retrieval_coco.yaml", "configs/demo/retrieval.yaml", __doc__)
+TASK = "retrieval"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

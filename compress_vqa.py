@@ -5,9 +5,8 @@ torchrun --nproc_per_node=8 compress_vqa.py --config configs/vqa.yaml
 """
 
 import cli
-from tasks import vqa
 
-SPEC = cli.TaskSpec.from_module(vqa, "configs/vqa.yaml", "configs/demo/vqa.yaml", __doc__)
+TASK = "vqa"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

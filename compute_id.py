@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -57,6 +56,7 @@ from pruners.intrinsic_dim import (
     twonn,
 )
 from pruners.targets import Target, targets
+from tasks import registry
 
 # ------------------------------------------------------------------------------------------------ tasks
 
@@ -77,17 +77,9 @@ ADAPTERS: dict[str, Adapter] = {
     "classification": Adapter(lambda b: b[0].shape[0], lambda m, b, d: m(b[0].to(d))),
 }
 
-# task -> (tasks module, default config, demo config, data.create_dataset name)
-TASKS = {
-    "caption": ("tasks.caption", "configs/caption_coco.yaml", "configs/demo/caption.yaml", "caption_coco"),
-    "nlvr": ("tasks.nlvr", "configs/nlvr.yaml", "configs/demo/nlvr.yaml", "nlvr"),
-    "classification": (
-        "tasks.classification",
-        "configs/deit_imagenet.yaml",
-        "configs/demo/classification.yaml",
-        "imagenet",
-    ),
-}
+# Tasks whose training forward compute_id knows (ADAPTERS); their modules, configs and datasets come from the
+# (task, backbone) table of tasks/registry.py.
+TASKS = tuple(task for task in registry.tasks() if task in ADAPTERS)
 
 
 def infer_task(config_path: str | None) -> str:
@@ -604,27 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(args: argparse.Namespace, task: str) -> dict:
-    import importlib
-
-    import cli
+def _resolve(args: argparse.Namespace, task: str) -> tuple[registry.Entry, dict]:
     from config import ConfigError
 
-    module_name, default_config, demo_config, _ = TASKS[task]
-    module = importlib.import_module(module_name)
-    spec = cli.TaskSpec.from_module(module, default_config, demo_config, module.__doc__ or task)
-    flags = SimpleNamespace(
-        config=args.config,
-        demo=args.demo,
-        pretrained=args.pretrained,
-        epoch=None,
-        amp=False,
-        seed=None,
-        p=None,
-        overrides=args.overrides,
-    )
+    flags = {"pretrained": args.pretrained} if args.pretrained is not None else {}
     try:
-        return cli.resolve_config(spec, flags)
+        return registry.resolve(task, args.config, demo=args.demo, overrides=args.overrides, flags=flags)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -639,11 +616,12 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def _train_split(task: str, config: dict, transform: str) -> Dataset:
+def _train_split(entry: registry.Entry, config: dict, transform: str) -> Dataset:
     from data import build_imagenet_transform, build_transform, create_dataset
 
+    task = entry.task
     # One sample per NLVR2 statement, as the seeds take them, even where training batches a pair's statements.
-    split = create_dataset(TASKS[task][3], {**config, "nlvr_group_pairs": False})[0]
+    split = create_dataset(entry.dataset, {**config, "nlvr_group_pairs": False})[0]
     if task == "classification":
         if config["num_classes"] is None:
             config["num_classes"] = len(split.classes)
@@ -657,7 +635,7 @@ def _train_split(task: str, config: dict, transform: str) -> Dataset:
 def main(argv: list[str] | None = None) -> IDResult:
     args = build_parser().parse_args(argv)
     task = args.task or infer_task(args.config)
-    config = _resolve(args, task)
+    entry, config = _resolve(args, task)
     try:
         max_memory = parse_bytes(args.max_memory)
     except ValueError as e:
@@ -667,16 +645,12 @@ def main(argv: list[str] | None = None) -> IDResult:
     device = _device(args)
     out = Path(args.output or (f"output/demo/id/{task}" if args.demo else f"output/id/{task}"))
     if args.demo:
-        from data.synthetic import ensure_world
+        from data.synthetic import ensure_demo_world
 
-        w = config["world"]
-        root = Path(w["dir"])
-        ensure_world(
-            root if root.is_absolute() else Path.cwd() / root, n=w["n"], image_size=w["image_size"], seed=w["seed"]
-        )
+        ensure_demo_world(config["world"])
 
-    module = __import__(TASKS[task][0], fromlist=["build_model"])
-    dataset = _train_split(task, config, args.transform)
+    module = entry.load()
+    dataset = _train_split(entry, config, args.transform)
     n = math.ceil(args.nsamples / args.batch_size) * args.batch_size
     try:
         indices = draw_samples(len(dataset), n, args.seed)

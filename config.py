@@ -29,7 +29,9 @@ def _yaml() -> YAML:
     return yaml
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping. A top-level ``extends: other.yaml`` (relative to this file) starts from that file: its keys,
+    with this file's merged over them (mappings key by key, other values replaced)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -42,7 +44,24 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
-    return data
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: extends must name one YAML file, got {base!r}")
+    parent = (path.parent / base).resolve()
+    if parent in _seen:
+        raise ConfigError(f"config file {path}: extends {base} loops back to itself")
+    return _merged(load_yaml(parent, (*_seen, path.resolve())), data)
+
+
+def _merged(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+        )
+    return out
 
 
 def dump_yaml(config: Mapping, path: str | Path | None = None) -> str:

@@ -9,6 +9,7 @@ non-finite-loss guard, ``log.jsonl`` and ``results.json``.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import utils
 from config import dump_yaml
+from losses import KD_DEFAULTS, KDConfig, distilled_logits, kd_loss
 from utils import DistInfo, log
 
 CHECKPOINT_LAST = "checkpoint_last.pth"
@@ -59,6 +61,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "num_workers": 4,
     "eval_every": 1,
+    "no_decay_norm_bias": False,  # True: no weight decay on biases, norms, no_weight_decay() names (timm/DeiT)
+    "lr_mult": {},  # parameter-name pattern -> LR factor (PuMer: the classifier at x10)
+    "teacher": dict(KD_DEFAULTS),  # knowledge distillation from a frozen teacher (losses.py)
 }
 
 
@@ -95,10 +100,42 @@ class Task(Protocol):
     main_metric: str  # key in the "val" metrics used for model selection (higher is better)
 
     def train_step(self, model: torch.nn.Module, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
-        """Forward one batch; return a dict of scalar losses that includes the total under 'loss'."""
+        """Forward one batch; return a dict of scalar losses that includes the total under 'loss', and, for tasks
+        that can be distilled, the student's logits under 'logits' (not a loss: the engine takes it out)."""
 
     def evaluate(self, model: torch.nn.Module, loader: Any, split: str) -> dict[str, float]:
         """Metrics for one split, gathered over ranks (identical on every rank)."""
+
+
+def parameter_groups(
+    model: torch.nn.Module,
+    named: list[tuple[str, torch.nn.Parameter]],
+    weight_decay: float,
+    no_decay_norm_bias: bool,
+    lr_mult: Mapping[str, float],
+) -> list[dict]:
+    """Optimizer groups of ``named`` parameters by (weight decay, LR multiplier). Without ``no_decay_norm_bias``
+    every parameter decays (the BLIP seeds); with it biases, 1-D parameters (norms) and the names of the model's
+    ``no_weight_decay()`` (position embeddings, class tokens) do not (timm, DeiT, PuMer). ``lr_mult`` maps
+    parameter-name patterns (fnmatch; a plain module path matches everything under it) to LR factors, applied
+    through each group's ``lr_scale``; a pattern that matches nothing is an error."""
+    skip = set(model.no_weight_decay()) if no_decay_norm_bias and hasattr(model, "no_weight_decay") else set()
+    hits = dict.fromkeys(lr_mult, 0)
+    buckets: dict[tuple[bool, float], list] = {}
+    for name, p in named:
+        decay = not (no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or name in skip))
+        scale = 1.0
+        for pattern, factor in lr_mult.items():
+            if fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip(".") + "."):
+                scale, hits[pattern] = float(factor), hits[pattern] + 1
+        buckets.setdefault((decay, scale), []).append(p)
+    unused = [pattern for pattern, n in hits.items() if n == 0]
+    if unused:
+        raise ValueError(f"lr_mult: {unused} match no trainable parameter of {type(model).__name__}")
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "lr_scale": scale}
+        for (decay, scale), params in buckets.items()
+    ]
 
 
 @dataclass
@@ -118,6 +155,8 @@ class EngineConfig:
     grad_checkpointing: bool = False
     find_unused_parameters: bool = False
     eval_every: int = 1
+    no_decay_norm_bias: bool = False
+    lr_mult: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping) -> EngineConfig:
@@ -126,21 +165,58 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class Phase:
-    """Where an epoch falls: ``search`` (a pruner's search, before compression) or ``train``."""
+class PhaseSpec:
+    """One stretch of a run, as data: what a pruner's ``phases()`` returns (UPop: search, then retrain; UVC:
+    search, then post-train; most methods: one phase).
+
+    ``lr_schedule``: ``None`` for the config's (warm-up, then ``lr_schedule``), or ``constant`` (``init_lr``
+    throughout, UPop's search); ``pruning``: whether the pruner's losses, per-step hooks and epoch hooks act;
+    ``weight_decay``: ``None`` for the config's; ``evaluate``: ``every`` (each ``eval_every`` epochs and the
+    last) or ``end`` (only after the phase, once the pruner's ``phase_end`` ran).
+    """
 
     name: str
+    epochs: int
+    lr_schedule: str | None = None
+    pruning: bool = True
+    weight_decay: float | None = None
+    evaluate: str = "every"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"phase {self.name} needs at least one epoch, got {self.epochs}")
+        if self.lr_schedule not in (None, "constant", "cosine"):
+            raise ValueError(f"phase {self.name}: unknown lr_schedule {self.lr_schedule!r}")
+        if self.evaluate not in ("every", "end"):
+            raise ValueError(f"phase {self.name}: evaluate must be 'every' or 'end', got {self.evaluate!r}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Where an epoch falls: which phase, and where in it."""
+
+    spec: PhaseSpec
+    index: int  # the phase's position in the run
     epoch: int  # epoch index within the phase
-    last: bool  # the phase's last epoch
     step_offset: int  # optimizer steps taken before the phase
     total_steps: int  # optimizer steps in the phase
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def last(self) -> bool:
+        return self.epoch == self.spec.epochs - 1
+
     @classmethod
-    def of(cls, epoch: int, search: int, train: int, steps_per_epoch: int) -> Phase:
-        if epoch < search:
-            return cls("search", epoch, epoch == search - 1, 0, search * steps_per_epoch)
-        e = epoch - search
-        return cls("train", e, e == train - 1, search * steps_per_epoch, train * steps_per_epoch)
+    def of(cls, epoch: int, phases: list[PhaseSpec], steps_per_epoch: int) -> Phase:
+        start = 0
+        for index, spec in enumerate(phases):
+            if epoch < start + spec.epochs:
+                return cls(spec, index, epoch - start, start * steps_per_epoch, spec.epochs * steps_per_epoch)
+            start += spec.epochs
+        raise IndexError(f"epoch {epoch} is past the run's {start} epochs")
 
 
 @dataclass
@@ -165,6 +241,8 @@ class Engine:
         pruner: Any = None,
         config: Mapping | None = None,
         dense_cost: Mapping | None = None,
+        teacher: torch.nn.Module | None = None,
+        kd: KDConfig | None = None,
     ):
         self.task, self.cfg, self.dist, self.pruner = task, cfg, dist_info, pruner
         self.dense_cost = dict(dense_cost or {})  # FLOPs / latency of the model a pruner starts from
@@ -181,6 +259,15 @@ class Engine:
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.amp_dtype]
         use_scaler = cfg.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.teacher, self.kd = None, kd or KDConfig()
+        if teacher is not None:
+            if not hasattr(task, "teacher_logits"):
+                raise ValueError(
+                    f"a teacher was given, but the {task.name} task has no logits to distil (no teacher_logits); "
+                    "distillation serves tasks with a classifier (classification, NLVR2)"
+                )
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.phases = self.pruner.phases(cfg) if self.pruner is not None else [PhaseSpec("train", cfg.max_epoch)]
         self.optimizer = self._build_optimizer()
         self.state = TrainState()
         self._train_loader = None
@@ -189,9 +276,6 @@ class Engine:
         self._own_checkpoint = False
         # Files of an earlier run in output_dir, removed once this (fresh) run has written its first checkpoint.
         self._earlier: list[str] = []
-        # A pruner with a search phase (UPop) trains with it for search_epochs, compresses the model,
-        # then retrains the smaller model for max_epoch epochs; other pruners act during training.
-        self.search_epochs = int(getattr(pruner, "search_epochs", 0) or 0) if pruner is not None else 0
 
     def _wrap(self) -> None:
         self.ddp_model = self.model
@@ -199,37 +283,33 @@ class Engine:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
 
-    def _compressed(self) -> bool:
-        return bool(getattr(self.pruner, "compressed", False))
-
-    def compress(self) -> None:
-        """End of the search: the pruner slices the model; DDP and a fresh optimizer are rebuilt around it."""
-        self.pruner.compress(self.model)
+    def rebuild(self) -> None:
+        """The model changed structure (a pruner compressed it): DDP and a fresh optimizer around it."""
         self.model.to(self.device)
         self._wrap()
         self.optimizer = self._build_optimizer()
 
     # ------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over all trainable model parameters (the seeds' recipe) plus the pruner's groups."""
-        pruner_groups = self._pruner_groups()
+        """AdamW over all trainable model parameters plus the pruner's groups. The model's parameters form groups
+        by weight decay (all decayed, as the seeds; or none on biases, norms and the model's
+        ``no_weight_decay()`` names with ``no_decay_norm_bias``) and by learning-rate multiplier (``lr_mult``:
+        parameter-name pattern -> factor, e.g. ``{"cls_head.*": 10}``)."""
+        pruner_groups = list(self.pruner.param_groups()) if self.pruner is not None else []
         pruner_params = {id(p) for g in pruner_groups for p in g["params"]}
-        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in pruner_params]
-        groups = [{"params": params, "weight_decay": self.cfg.weight_decay}, *pruner_groups]
-        return torch.optim.AdamW(groups, lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
-
-    def _pruner_groups(self) -> list[dict]:
-        if self.pruner is None or self._compressed():
-            return []
-        return list(self.pruner.param_groups())
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in pruner_params]
+        groups = parameter_groups(
+            self.model, named, self.cfg.weight_decay, self.cfg.no_decay_norm_bias, self.cfg.lr_mult
+        )
+        return torch.optim.AdamW([*groups, *pruner_groups], lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp)
 
     # ------------------------------------------------------------------------------------------
     def fit(self, train_loader, eval_loaders: Mapping[str, Any], resume: str | Path | None = None) -> dict:
-        """Train for ``max_epoch`` epochs (after ``search_epochs`` of pruner search, if the pruner has one),
-        evaluating every ``eval_every`` epochs, after compression and at the end."""
+        """Train through the phases (the pruner's, or one of ``max_epoch`` epochs), evaluating every
+        ``eval_every`` epochs and at each phase's end, after the pruner's ``phase_end`` (UPop compresses there)."""
         self._train_loader = train_loader
         if resume:
             self.load_checkpoint(resume)
@@ -239,57 +319,44 @@ class Engine:
             # checkpoint of its own, then go (so the log, results and best checkpoint are this run's alone).
             self._earlier = [name for name in RUN_FILES if (self.output_dir / name).exists()]
             if self.pruner is not None and not self.state.dense:
-                # Masks start at 1 (or hooks inactive), so this is the dense model the pruner starts from.
-                self.state.dense = {
-                    "metrics": self.evaluate(eval_loaders),
-                    "params": utils.count_parameters(self.model),
-                    **self.dense_cost,
-                }
+                with self.pruner.bypassed():  # the dense model the pruner starts from
+                    metrics = self.evaluate(eval_loaders)
+                self.state.dense = {"metrics": metrics, "params": utils.count_parameters(self.model), **self.dense_cost}
                 log.info("dense model before pruning: %s", _fmt(self.state.dense))
         micro_per_epoch = len(train_loader)
         if micro_per_epoch == 0:
             raise ValueError("the training loader is empty (dataset smaller than one batch with drop_last?)")
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
-        search = self.search_epochs
-        schedules = {
-            # The seeds search at a constant learning rate, then retrain with a fresh cosine schedule.
-            "search": utils.LRSchedule(self.cfg.init_lr, self.cfg.init_lr, search, steps_per_epoch, kind="constant"),
-            "train": utils.LRSchedule(
-                init_lr=self.cfg.init_lr,
-                min_lr=self.cfg.min_lr,
-                max_epoch=self.cfg.max_epoch,
-                steps_per_epoch=steps_per_epoch,
-                warmup_steps=self.cfg.warmup_steps,
-                warmup_lr=self.cfg.warmup_lr,
-                per_step=self.cfg.lr_per_step,
-                kind=self.cfg.lr_schedule,
-            ),
-        }
-        for epoch in range(self.state.epoch + 1, search + self.cfg.max_epoch):
+        total = sum(p.epochs for p in self.phases)
+        for epoch in range(self.state.epoch + 1, total):
             t0 = time.time()
-            phase = Phase.of(epoch, search, self.cfg.max_epoch, steps_per_epoch)
+            phase = Phase.of(epoch, self.phases, steps_per_epoch)
             self._phase = phase.name
+            schedule = self._schedule(phase.spec, steps_per_epoch)
+            if phase.spec.weight_decay is not None:
+                for group in self.optimizer.param_groups:
+                    if group.get("decay", True):
+                        group["weight_decay"] = phase.spec.weight_decay
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            pruning = self.pruner is not None and (phase.name == "search" or search == 0)
-            train_stats = self._train_epoch(train_loader, epoch, phase, schedules[phase.name], accum, pruning)
+            pruning = self.pruner is not None and phase.spec.pruning
+            train_stats = self._train_epoch(train_loader, epoch, phase, schedule, accum, pruning)
             if pruning:
                 self.pruner.epoch_end(epoch, self)
+            if phase.last and self.pruner is not None and self.pruner.phase_end(phase.name, self.model):
+                self.rebuild()
             metrics = {}
-            if phase.name == "search":
-                if phase.last:
-                    self.compress()
-                    metrics = self.evaluate(eval_loaders)
-            elif phase.last or (phase.epoch + 1) % max(1, self.cfg.eval_every) == 0:
+            every = phase.spec.evaluate == "every" and (phase.epoch + 1) % max(1, self.cfg.eval_every) == 0
+            if phase.last or every:
                 metrics = self.evaluate(eval_loaders)
             self.state.epoch = epoch
             self._update_best(metrics, epoch)
             self.save_checkpoint(self.output_dir / CHECKPOINT_LAST)
             record = {
                 "epoch": epoch,
-                **({"phase": phase.name} if search else {}),
+                **({"phase": phase.name} if len(self.phases) > 1 else {}),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train": train_stats,
                 **metrics,
@@ -300,6 +367,20 @@ class Engine:
             utils.append_jsonl(self.output_dir / LOG, record)
             log.info("epoch %d: %s", epoch, _fmt(record))
         return self.results()
+
+    def _schedule(self, spec: PhaseSpec, steps_per_epoch: int) -> utils.LRSchedule:
+        if spec.lr_schedule == "constant":  # e.g. the seeds' search, at init_lr throughout
+            return utils.LRSchedule(self.cfg.init_lr, self.cfg.init_lr, spec.epochs, steps_per_epoch, kind="constant")
+        return utils.LRSchedule(
+            init_lr=self.cfg.init_lr,
+            min_lr=self.cfg.min_lr,
+            max_epoch=spec.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=self.cfg.warmup_steps,
+            warmup_lr=self.cfg.warmup_lr,
+            per_step=self.cfg.lr_per_step,
+            kind=spec.lr_schedule or self.cfg.lr_schedule,
+        )
 
     def _train_epoch(self, loader, epoch: int, phase: Phase, schedule, accum: int, pruning: bool) -> dict:
         self.ddp_model.train()
@@ -323,7 +404,10 @@ class Engine:
             with sync:
                 with self._autocast():
                     losses = self.task.train_step(self.ddp_model, batch, info)
+                    logits = losses.pop("logits", None)
                     loss = losses["loss"]
+                    if self.teacher is not None:
+                        loss, losses = self._distil(loss, losses, logits, batch)
                     if pruner is not None:
                         extra = pruner.loss(self.model, losses)
                         if extra is not None:
@@ -342,8 +426,10 @@ class Engine:
                 self.scaler.update()
                 self.state.global_step += 1
                 if pruner is not None:
-                    # Before zero_grad: score-based pruners read the gradients the step just used.
-                    pruner.step(self.model, self.state.global_step - phase.step_offset, phase.total_steps)
+                    # Before zero_grad: score-based pruners read the gradients the step just used; the LR is the
+                    # step's (UVC's proximal step scales by it).
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    pruner.step(self.model, self.state.global_step - phase.step_offset, phase.total_steps, lr)
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -353,6 +439,16 @@ class Engine:
         keys = sorted(sums)
         totals = utils.all_reduce_sum([sums[k] for k in keys] + [count])
         return {k: totals[j] / max(totals[-1], 1) for j, k in enumerate(keys)}
+
+    def _distil(self, loss: torch.Tensor, losses: dict, logits: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+        """``(1 - alpha) * task loss + alpha * KD`` against the frozen teacher on the same batch."""
+        if logits is None:
+            raise ValueError(f"the {self.task.name} task's train_step returned no 'logits' to distil")
+        with torch.no_grad():
+            target = self.task.teacher_logits(self.teacher, batch)
+        kd = kd_loss(distilled_logits(logits), target, self.kd.kind, self.kd.tau, self.kd.reduction)
+        total = (1.0 - self.kd.alpha) * loss + self.kd.alpha * kd
+        return total, {**losses, "loss": total, "task_loss": loss, "kd_loss": kd}
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         # Reduced over ranks so that every rank stops together instead of hanging in the next all-reduce.
@@ -401,10 +497,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def save_model(self, path: Path, **extra) -> None:
-        if self._compressed():
+        """The weights, the config and, for a pruning run, the architecture description the model now has
+        (widths, skipped blocks, token reducers: what evaluating it without pruner code needs)."""
+        if self.pruner is not None:
             from models.arch import architecture
 
-            extra["arch"] = {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
+            try:
+                extra["arch"] = {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
+            except TypeError:  # a model without prunable units (e.g. a test's toy model) has nothing to describe
+                pass
         if utils.is_main_process():
             utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
             self._checkpoint_written(path)
@@ -466,10 +567,7 @@ class Engine:
         if self.pruner is not None and ckpt.get("pruner"):
             # First: a pruner that had compressed the model cuts it to the saved widths again.
             self.pruner.load_state_dict(ckpt["pruner"])
-            if self._compressed():
-                self.model.to(self.device)
-                self._wrap()
-                self.optimizer = self._build_optimizer()
+            self.rebuild()
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -4,9 +4,8 @@ python pretrain.py --demo
 """
 
 import cli
-from tasks import pretrain
 
-SPEC = cli.TaskSpec.from_module(pretrain, "configs/demo/pretrain.yaml", "configs/demo/pretrain.yaml", __doc__)
+TASK = "pretrain"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

@@ -6,11 +6,8 @@ python compress_nlvr.py --demo --pretrained twin.pth
 """
 
 import cli
-from tasks import text_assignment
 
-SPEC = cli.TaskSpec.from_module(
-    text_assignment, "configs/demo/text_assignment.yaml", "configs/demo/text_assignment.yaml", __doc__
-)
+TASK = "text_assignment"  # the backbone comes from the config (tasks/registry.py)
 
 if __name__ == "__main__":
-    cli.main(SPEC)
+    cli.main(TASK, __doc__)

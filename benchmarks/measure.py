@@ -11,7 +11,8 @@ command line wraps :func:`compare`. Conventions:
 * params: every ``named_parameters`` entry once (tied weights once). BLIP retrieval includes its
   momentum towers, as the seeds' published sizes do; the momentum share is reported separately.
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add, matrix products only) on
-  the seed's dummy inputs and forward mode (:mod:`benchmarks.inputs`), per sample.
+  the seed's dummy inputs and forward mode (the model's ``cost_probe("seed")``), per sample; the analytic
+  cost model's figure for the same call (:mod:`models.cost`) beside it.
 * MACs: the seeds' fvcore convention on the same call (1 per multiply-add, plus LayerNorm at 5 per
   element); these are the "FLOPs" of the UPop / MADTP / PuMer tables (:mod:`benchmarks.flops`).
 * latency: median wall time of an inference call at batch 1 after warm-up; throughput: samples per
@@ -40,9 +41,10 @@ import torch
 from torch import nn
 
 from benchmarks.flops import count
-from benchmarks.inputs import TASKS, Probe, batch_probe, seed_probe, speed_probe
 from benchmarks.memory import peak_bytes
-from benchmarks.presets import PRESETS, build_preset, task_module, uniform_slice
+from benchmarks.presets import PRESETS, build_preset, uniform_slice
+from models.cost import DynamicSchedule, Probe
+from tasks import registry
 
 __all__ = [
     "average_cost",
@@ -104,8 +106,16 @@ def _count_probe(model: nn.Module, probe: Probe, depth: int):
     return cost
 
 
-def model_cost(model: nn.Module, task: str, depth: int = 1) -> dict[str, Any]:
-    """Parameters, FLOPs and MACs per sample on the seed's dummy inputs (one forward pass).
+def _probe(model: nn.Module, kind: str, **kw: Any) -> Probe:
+    probe = getattr(model, "cost_probe", None)
+    if probe is None:
+        raise TypeError(f"{type(model).__name__} has no cost probe (model.cost_probe) to measure it by")
+    return probe(kind, **kw)
+
+
+def model_cost(model: nn.Module, depth: int = 1) -> dict[str, Any]:
+    """Parameters, FLOPs and MACs per sample on the seed's dummy inputs (one forward pass), and the analytic
+    cost model's FLOPs and MACs for the same call (``flops_analytic``, ``macs_analytic``; seed convention).
 
     Works on any device, ``meta`` included (shapes only: fast and memory-free). The model's state
     is left as it was (retrieval's counted training step is undone). ``flops_by_module`` /
@@ -113,23 +123,29 @@ def model_cost(model: nn.Module, task: str, depth: int = 1) -> dict[str, Any]:
     """
     params = count_params(model)
     with inference(model):
-        probe = seed_probe(model, task)
+        probe = _probe(model, "seed")
         cost = _count_probe(model, probe, depth)
-        if probe.samples != 1:
-            cost = cost.scaled(1 / probe.samples)
-    return {
+        try:
+            analytic = probe.analytic() if probe.analytic is not None else None
+        except DynamicSchedule:  # a token schedule only a forward knows: the traced count stands alone
+            analytic = None
+    out = {
         "params": params["params"],
         "params_momentum": params["momentum"],
-        "flops": cost.flops,
-        "macs": cost.macs,
-        "flops_by_module": cost.flops_by_module,
-        "macs_by_module": cost.macs_by_module,
+        "flops": cost.flops / probe.samples,
+        "macs": cost.macs / probe.samples,
+        "flops_by_module": {k: v / probe.samples for k, v in cost.flops_by_module.items()},
+        "macs_by_module": {k: v / probe.samples for k, v in cost.macs_by_module.items()},
         "inputs": probe.inputs,
     }
+    if analytic is not None:
+        out["flops_analytic"] = analytic.flops / probe.samples
+        out["macs_analytic"] = analytic.seed_macs / probe.samples
+    return out
 
 
 def average_cost(
-    model: nn.Module, task: str, batches: Iterable[Any], dataset: Any = None, max_batches: int | None = None
+    model: nn.Module, batches: Iterable[Any], dataset: Any = None, max_batches: int | None = None
 ) -> dict[str, Any]:
     """FLOPs and MACs per sample over real batches (from the task's evaluation loader), in the seed's
     forward mode (:func:`benchmarks.inputs.batch_probe`): the mean over all samples of the first
@@ -139,7 +155,7 @@ def average_cost(
     inputs = ""
     with inference(model):
         for batch in itertools.islice(batches, max_batches):
-            probe = batch_probe(model, task, batch, dataset)
+            probe = _probe(model, "batch", batch=batch, dataset=dataset)
             cost = _count_probe(model, probe, depth=0)
             flops += cost.flops
             macs += cost.macs
@@ -171,31 +187,29 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
     return times
 
 
-def measure_latency(model: nn.Module, task: str, batch_size: int = 1, warmup: int = 3, repeats: int = 10) -> dict:
-    """Median seconds of one inference call (:func:`benchmarks.inputs.speed_probe`) at ``batch_size``."""
+def measure_latency(model: nn.Module, batch_size: int = 1, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median seconds of one inference call (the model's ``cost_probe("speed")``) at ``batch_size``."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     with inference(model):
-        probe = speed_probe(model, task, batch_size)
+        probe = _probe(model, "speed", batch_size=batch_size)
         times = _timed(probe.run, _device(model), warmup, repeats)
     return {"batch": batch_size, "median_s": statistics.median(times), "times_s": times, "inputs": probe.inputs}
 
 
-def measure_throughput(model: nn.Module, task: str, batch_size: int, warmup: int = 3, repeats: int = 10) -> dict:
+def measure_throughput(model: nn.Module, batch_size: int, warmup: int = 3, repeats: int = 10) -> dict:
     """Samples per second at ``batch_size`` (batch over the median call time)."""
-    lat = measure_latency(model, task, batch_size, warmup, repeats)
+    lat = measure_latency(model, batch_size, warmup, repeats)
     return {"batch": batch_size, "samples_per_s": batch_size / lat["median_s"], "median_s": lat["median_s"]}
 
 
-def _interleaved(
-    models: Mapping[str, nn.Module], task: str, batch_size: int, warmup: int, repeats: int
-) -> dict[str, list[float]]:
+def _interleaved(models: Mapping[str, nn.Module], batch_size: int, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Call times of every model's inference call, the models taking turns call by call, so that load
     changing on a shared machine affects all of them alike."""
     with contextlib.ExitStack() as stack:
         for model in models.values():
             stack.enter_context(inference(model))
-        probes = {label: speed_probe(model, task, batch_size) for label, model in models.items()}
+        probes = {label: _probe(model, "speed", batch_size=batch_size) for label, model in models.items()}
         devices = {label: _device(model) for label, model in models.items()}
         for label, probe in probes.items():
             _timed(probe.run, devices[label], warmup, 0)
@@ -206,16 +220,14 @@ def _interleaved(
     return times
 
 
-def saturating_batch(
-    model: nn.Module, task: str, max_batch: int, gain: float = 1.05, warmup: int = 1, repeats: int = 3
-) -> int:
+def saturating_batch(model: nn.Module, max_batch: int, gain: float = 1.05, warmup: int = 1, repeats: int = 3) -> int:
     """The smallest power-of-two batch after which doubling raises throughput by less than ``gain``
     (or the largest that fits in memory, up to ``max_batch``)."""
-    best_batch, best = 1, measure_throughput(model, task, 1, warmup, repeats)["samples_per_s"]
+    best_batch, best = 1, measure_throughput(model, 1, warmup, repeats)["samples_per_s"]
     batch = 2
     while batch <= max_batch:
         try:
-            rate = measure_throughput(model, task, batch, warmup, repeats)["samples_per_s"]
+            rate = measure_throughput(model, batch, warmup, repeats)["samples_per_s"]
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
@@ -226,10 +238,10 @@ def saturating_batch(
     return best_batch
 
 
-def peak_memory(model: nn.Module, task: str, batch_size: int = 1) -> dict:
+def peak_memory(model: nn.Module, batch_size: int = 1) -> dict:
     """Peak bytes during one inference call at ``batch_size`` (method in :mod:`benchmarks.memory`)."""
     with inference(model):
-        probe = speed_probe(model, task, batch_size)
+        probe = _probe(model, "speed", batch_size=batch_size)
         probe.run()  # first call allocates lazily built state; measure a steady call
         peak, method = peak_bytes(probe.run, model, _device(model))
     return {"batch": batch_size, "bytes": peak, "method": method}
@@ -280,12 +292,12 @@ def compare(
     report: dict[str, Any] = {"task": task, "sources": dict(sources or {}), "inputs": {}, "models": entries}
     for label, model in models.items():
         log(f"[{label}] counting parameters, FLOPs and MACs")
-        cost = model_cost(model, task, depth)
+        cost = model_cost(model, depth)
         report["inputs"]["cost"] = cost.pop("inputs")
         entries[label] = cost
         if eval_loader is not None:
             log(f"[{label}] counting over {eval_batches or 'all'} evaluation batch(es)")
-            avg = average_cost(model, task, eval_loader, getattr(eval_loader, "dataset", None), eval_batches)
+            avg = average_cost(model, eval_loader, getattr(eval_loader, "dataset", None), eval_batches)
             cost.update(eval_flops=avg["flops"], eval_macs=avg["macs"], eval_samples=avg["samples"])
             report["inputs"]["eval"] = avg["inputs"]
 
@@ -294,18 +306,18 @@ def compare(
         device = _device(first)
         if batch_size is None:
             log(f"choosing a saturating batch (up to {max_batch}) on {next(iter(models))}")
-            batch_size = saturating_batch(first, task, max_batch)
-        report["inputs"]["speed"] = speed_probe(first, task, 1).inputs
+            batch_size = saturating_batch(first, max_batch)
+        report["inputs"]["speed"] = _probe(first, "speed").inputs
         report["device"] = str(device)
         report["threads"] = torch.get_num_threads()
         if device.type == "cuda":
             report["gpu"] = torch.cuda.get_device_name(device)
         log(f"latency (batch 1) and throughput (batch {batch_size}), models timed in alternation")
-        lat = _interleaved(models, task, 1, warmup, repeats)
-        thr = lat if batch_size == 1 else _interleaved(models, task, batch_size, warmup, repeats)
+        lat = _interleaved(models, 1, warmup, repeats)
+        thr = lat if batch_size == 1 else _interleaved(models, batch_size, warmup, repeats)
         for label, model in models.items():
             log(f"[{label}] peak memory")
-            mem1 = peak_memory(model, task, 1)
+            mem1 = peak_memory(model, 1)
             report["memory_method"] = mem1["method"]
             entries[label].update(
                 latency_ms=1e3 * statistics.median(lat[label]),
@@ -315,7 +327,7 @@ def compare(
                 memory_1_mib=mem1["bytes"] / 2**20,
             )
             if batch_size > 1:
-                entries[label]["memory_n_mib"] = peak_memory(model, task, batch_size)["bytes"] / 2**20
+                entries[label]["memory_n_mib"] = peak_memory(model, batch_size)["bytes"] / 2**20
 
     labels = list(entries)
     if len(labels) > 1:
@@ -371,38 +383,31 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def _infer_task(config_path: str) -> str:
     stem = Path(config_path).stem
-    for task in TASKS:
+    for task in registry.tasks():
         if stem.startswith(task):
             return task
     if stem.startswith("deit"):
         return "classification"
     raise SystemExit(
-        f"error: cannot tell the task from the config name {config_path!r}; pass --task ({', '.join(TASKS)})"
+        f"error: cannot tell the task from the config name {config_path!r}; pass --task ({', '.join(registry.tasks())})"
     )
 
 
-def _config_from_file(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    """The config exactly as the task's entry script resolves it (same schema, --set, --demo)."""
-    import cli
+def _config_from_file(args: argparse.Namespace, task: str) -> tuple[registry.Entry, dict[str, Any]]:
+    """The entry and config exactly as the task's entry script resolves them (same schema, --set, --demo)."""
     from config import ConfigError
 
-    module = task_module(task)
-    spec = cli.TaskSpec.from_module(module, args.config, args.config, module.__doc__ or task)
-    argv = ["--config", args.config, *itertools.chain.from_iterable(("--set", s) for s in args.overrides)]
-    if args.demo:
-        argv.append("--demo")
     try:
-        config = cli.resolve_config(spec, cli.build_parser(spec).parse_args(argv))
+        entry, config = registry.resolve(task, args.config, demo=args.demo, overrides=args.overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if args.demo:
-        from data.synthetic import ensure_world
+        from data.synthetic import ensure_demo_world
 
-        w = config["world"]
-        ensure_world(Path(w["dir"]), n=w["n"], image_size=w["image_size"], seed=w["seed"])
+        ensure_demo_world(config["world"])
     if task == "classification" and config.get("num_classes") is None:
         config["num_classes"] = _classes_from_checkpoint(args.checkpoint)
-    return config
+    return entry, config
 
 
 def _classes_from_checkpoint(paths: list[str]) -> int:
@@ -418,10 +423,7 @@ def _classes_from_checkpoint(paths: list[str]) -> int:
 
 
 def _load(module: Any, model: nn.Module, path: str, config: Mapping[str, Any]) -> nn.Module:
-    load_pretrained = getattr(module, "load_pretrained", None)
-    if load_pretrained is None:
-        raise SystemExit(f"error: task module {module.__name__} has no load_pretrained to read {path}")
-    loaded = load_pretrained(model, path, config)
+    loaded = module.load_pretrained(model, path, config)
     # A loader may rebuild the model (a compressed checkpoint has other widths) and return it.
     return loaded if isinstance(loaded, nn.Module) else model
 
@@ -448,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="task YAML, as given to the task's entry script")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a real-size model with random weights")
-    p.add_argument("--task", choices=TASKS, help="task of --config (default: read from its file name)")
+    p.add_argument("--task", choices=registry.tasks(), help="task of --config (default: read from its file name)")
     p.add_argument("--demo", action="store_true", help="the config is a demo config: make the synthetic world")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument(
@@ -497,14 +499,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.eval_batches:
             raise SystemExit("error: --eval-batches needs --config (the evaluation data)")
         task, config, first = build_preset(args.preset, build_device, args.tokenizer)
+        module = registry.lookup(task).load()
         source = f"{args.preset} (random weights)"
     else:
         task = args.task or _infer_task(args.config)
-        config = _config_from_file(args, task)
+        entry, config = _config_from_file(args, task)
+        module = entry.load()
         with torch.device(build_device):
-            first = task_module(task).build_model(config)
+            first = module.build_model(config)
         source = f"{Path(args.config).name} (random weights)"
-    module = task_module(task)
     if args.checkpoint:
         first = _load(module, first, args.checkpoint[0], config)
         source = args.checkpoint[0]

@@ -12,7 +12,6 @@ yet. Adding one is one :class:`Preset` entry once its task module builds it.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import tempfile
 from collections.abc import Mapping
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.inputs import DUMMY_TEXTS
+from models.blip_probes import DUMMY_TEXTS
+from tasks import registry
 
 __all__ = ["PRESETS", "Preset", "bert_layout_vocab", "build_preset", "preset_config", "uniform_slice"]
 
@@ -106,16 +106,12 @@ def bert_layout_vocab(directory: str | Path | None = None) -> Path:
     return directory
 
 
-def task_module(task: str):
-    return importlib.import_module(f"tasks.{task}")
-
-
 def preset_config(name: str, tokenizer: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """(task, config) of preset ``name``: the task's schema defaults plus the preset's keys."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
     preset = PRESETS[name]
-    config = copy.deepcopy(dict(task_module(preset.task).SCHEMA))
+    config = copy.deepcopy(dict(registry.lookup(preset.task).load().SCHEMA))
     config.update(preset.overrides)
     if preset.blip:
         config["med_config"] = str(REPO / "configs" / "med_config.json")
@@ -129,7 +125,7 @@ def build_preset(
     """(task, config, model) of preset ``name`` with random weights on ``device`` (``meta``: shapes only)."""
     task, config = preset_config(name, tokenizer)
     with torch.device(device):
-        model = task_module(task).build_model(config)
+        model = registry.lookup(task).load().build_model(config)
     return task, config, model.eval()
 
 

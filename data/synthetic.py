@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import unicodedata
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,9 +112,11 @@ class Scene:
         return tuple((o.color, o.shape) for o in self.objects)
 
 
-def eval_split_size(n: int) -> int:
-    """Number of scenes in each held-out split (val / test) for ``n`` training scenes."""
-    return max(n // 4, MIN_EVAL)
+def eval_split_size(n: int, n_eval: int | None = None) -> int:
+    """Number of scenes in each held-out split (val / test) for ``n`` training scenes: ``n_eval`` when given (larger
+    held-out splits tell smaller differences apart; the training splits do not change with it), else
+    ``max(n // 4, MIN_EVAL)``."""
+    return max(n // 4, MIN_EVAL) if n_eval is None else n_eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,9 +602,9 @@ def _imagenet_splits(world: _World, seed: int, n: int, n_eval: int) -> None:
                 world.add(f"imagenet/{split}/{name}/{name}_{i:05d}.JPEG", scene)
 
 
-def _build(n: int, image_size: int, seed: int) -> _World:
+def _build(n: int, image_size: int, seed: int, n_eval: int | None = None) -> _World:
     world = _World(image_size)
-    n_eval = eval_split_size(n)
+    n_eval = eval_split_size(n, n_eval)
     _caption_splits(world, seed, n, n_eval, "coco")
     _caption_splits(world, seed, n, n_eval, "flickr")
     _nlvr_splits(world, seed, n, n_eval)
@@ -620,7 +622,9 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data) + "\n")
 
 
-def _write(root: Path, world: _World, n: int, image_size: int, seed: int, progress: bool) -> None:
+def _write(
+    root: Path, world: _World, n: int, image_size: int, seed: int, progress: bool, n_eval: int | None = None
+) -> None:
     for path in tqdm(sorted(world.images), desc="rendering shapes world", unit="img", disable=not progress):
         target = root / path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -648,33 +652,36 @@ def _write(root: Path, world: _World, n: int, image_size: int, seed: int, progre
     files["tokenizer/vocab.txt"] = len(vocab)
 
     # Written last: its presence marks a complete world.
-    _write_json(
-        root / "world.json", {"version": VERSION, "seed": seed, "n": n, "image_size": image_size, "files": files}
-    )
+    meta = {"version": VERSION, "seed": seed, "n": n, "image_size": image_size}
+    if n_eval is not None:
+        meta["n_eval"] = n_eval
+    _write_json(root / "world.json", {**meta, "files": files})
 
 
-def _check_args(n: int, image_size: int, seed: int) -> None:
+def _check_args(n: int, image_size: int, seed: int, n_eval: int | None = None) -> None:
     if not isinstance(n, int) or n < MIN_N:
         raise ValueError(f"n must be an integer >= {MIN_N} (one training image per class), got {n!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if eval_split_size(n) > max_unique_scenes():
+    if n_eval is not None and (not isinstance(n_eval, int) or n_eval < MIN_EVAL):
+        raise ValueError(f"n_eval must be an integer >= {MIN_EVAL}, got {n_eval!r}")
+    if eval_split_size(n, n_eval) > max_unique_scenes():
         raise ValueError(
-            f"n={n} asks for val/test splits of {eval_split_size(n)} distinct scenes, but only "
-            f"{max_unique_scenes()} exist; use n <= {4 * max_unique_scenes() + 3}"
+            f"n={n}, n_eval={n_eval} asks for val/test splits of {eval_split_size(n, n_eval)} distinct scenes, but "
+            f"only {max_unique_scenes()} exist"
         )
 
 
-def world_matches(out: str | Path, n: int, image_size: int, seed: int) -> bool:
+def world_matches(out: str | Path, n: int, image_size: int, seed: int, n_eval: int | None = None) -> bool:
     """Whether ``out`` holds a complete world generated with these arguments."""
     out = Path(out)
     try:
         meta = json.loads((out / "world.json").read_text())
     except (OSError, ValueError):
         return False
-    expected = {"version": VERSION, "seed": seed, "n": n, "image_size": image_size}
+    expected = {"version": VERSION, "seed": seed, "n": n, "image_size": image_size, "n_eval": n_eval}
     if any(meta.get(k) != v for k, v in expected.items()):
         return False
     return all((out / rel).is_file() for rel in meta.get("files", {}))
@@ -691,20 +698,22 @@ def _install(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _generate(out: Path, n: int, image_size: int, seed: int, progress: bool, reuse: bool) -> Path:
-    _check_args(n, image_size, seed)
+def _generate(
+    out: Path, n: int, image_size: int, seed: int, progress: bool, reuse: bool, n_eval: int | None = None
+) -> Path:
+    _check_args(n, image_size, seed, n_eval)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A crash leaves only a hidden temporary directory, never a half world under ``out``.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp, _build(n, image_size, seed), n, image_size, seed, progress)
-        if reuse and world_matches(out, n, image_size, seed):  # another process finished first
+        _write(tmp, _build(n, image_size, seed, n_eval), n, image_size, seed, progress, n_eval)
+        if reuse and world_matches(out, n, image_size, seed, n_eval):  # another process finished first
             shutil.rmtree(tmp)
             return out
         try:
             _install(tmp, out)
         except OSError:
-            if reuse and world_matches(out, n, image_size, seed):
+            if reuse and world_matches(out, n, image_size, seed, n_eval):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out
             raise
@@ -714,17 +723,34 @@ def _generate(out: Path, n: int, image_size: int, seed: int, progress: bool, reu
     return out
 
 
-def make_world(out: str | Path, n: int = 600, image_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+def make_world(
+    out: str | Path, n: int = 600, image_size: int = 64, seed: int = 0, progress: bool = True, n_eval: int | None = None
+) -> Path:
     """Generate the world into ``out`` (replacing a previous world there) and return ``out``."""
-    return _generate(Path(out), n, image_size, seed, progress, reuse=False)
+    return _generate(Path(out), n, image_size, seed, progress, reuse=False, n_eval=n_eval)
 
 
-def ensure_world(out: str | Path, n: int = 600, image_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+def ensure_world(
+    out: str | Path, n: int = 600, image_size: int = 64, seed: int = 0, progress: bool = True, n_eval: int | None = None
+) -> Path:
     """Return ``out`` after making sure it holds the world for these arguments, generating it if not."""
     out = Path(out)
-    if world_matches(out, n, image_size, seed):
+    if world_matches(out, n, image_size, seed, n_eval):
         return out
-    return _generate(out, n, image_size, seed, progress, reuse=True)
+    return _generate(out, n, image_size, seed, progress, reuse=True, n_eval=n_eval)
+
+
+def ensure_demo_world(world: Mapping[str, Any], progress: bool = True) -> Path:
+    """:func:`ensure_world` for a config's ``world`` section (``dir``, ``n``, ``image_size``, ``seed``, optional
+    ``n_eval``); a relative ``dir`` is taken from the working directory."""
+    return ensure_world(
+        Path(world["dir"]).absolute(),
+        n=world["n"],
+        image_size=world["image_size"],
+        seed=world["seed"],
+        progress=progress,
+        n_eval=world.get("n_eval"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -751,10 +777,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--image-size", type=int, default=64, help="side of the square RGB pictures in pixels (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--n-eval", type=int, default=None, help="scenes in each val / test split instead of max(n // 4, ...)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        out = make_world(args.out, n=args.n, image_size=args.image_size, seed=args.seed, progress=not args.quiet)
+        out = make_world(
+            args.out, n=args.n, image_size=args.image_size, seed=args.seed, progress=not args.quiet, n_eval=args.n_eval
+        )
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))
     print(out)

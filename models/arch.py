@@ -1,9 +1,12 @@
-"""Architectures of structurally compressed models: describe, rebuild, infer from shapes, save and load.
+"""Architectures of compressed models: describe, rebuild, infer from shapes, save and load.
 
-A compressed model is an ordinary model with other widths (DESIGN.md). Its architecture is the size
-of every prunable unit (per attention module: head count and head width; per FFN: hidden width) plus
-the attention scale of every attention module, because compression may keep the dense scale (ViT,
-and this project's UPop on BERT) or recompute it from the kept width (BERT and CLIP in the UPop seed).
+A compressed model is an ordinary model with other widths (DESIGN.md). Its architecture description (version
+2) holds the size of every prunable unit (per attention module: head count and head width; per FFN: hidden
+width), the attention scale of every attention module (compression may keep the dense scale, as ViT and this
+project's UPop on BERT do, or recompute it from the kept width, as BERT and CLIP in the UPop seed), the value
+width of each head where a method cut them unevenly (``value_dims``), the blocks a method removed
+(``skipped``), and the token reducers of each block with their settings (``reducers``,
+:mod:`models.token_ops`). Version 1 files (units and scales) load as they are.
 
 * :func:`architecture` describes a model as a JSON-able dict; :func:`apply_architecture` cuts a
   freshly built dense model down to such a description (the kept weights are placeholders that a
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.layers import Attention, Mlp, Unit
+from models.layers import Attention, Mlp, SkippedBlock, Unit
 from utils import CheckpointError, atomic_write_bytes, load_checkpoint_file, log, unwrap_state_dict
 
 __all__ = [
@@ -43,7 +46,8 @@ __all__ = [
     "save_compressed",
 ]
 
-ARCH_VERSION = 1
+ARCH_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def model_units(model: nn.Module, momentum: bool = False) -> list[Unit]:
@@ -62,13 +66,37 @@ def _attention_modules(units: list[Unit]) -> dict[str, Attention]:
 
 
 def architecture(model: nn.Module) -> dict[str, Any]:
-    """Every unit's size (``{name: {kind: size}}``) and every attention module's scale."""
+    """Every unit's size (``{name: {kind: size}}``), every attention module's scale, the uneven value widths,
+    the skipped blocks and the token reducers of ``model``."""
+    from models.token_ops import reducer_specs
+
     units = model_units(model, momentum=True)
     sizes: dict[str, dict[str, int]] = {}
     for u in units:
         sizes.setdefault(u.name, {})[u.kind] = int(u.size if u.kind == "neuron" else _unit_size(u))
-    scales = {name: float(m.scale) for name, m in _attention_modules(units).items()}
-    return {"version": ARCH_VERSION, "units": sizes, "scales": scales}
+    attentions = _attention_modules(units)
+    return {
+        "version": ARCH_VERSION,
+        "units": sizes,
+        "scales": {name: float(m.scale) for name, m in attentions.items()},
+        "value_dims": {name: list(m.value_dims) for name, m in attentions.items() if m.value_dims is not None},
+        "skipped": [name for name, m in model.named_modules() if isinstance(m, SkippedBlock)],
+        "reducers": reducer_specs(model),
+    }
+
+
+def skip_blocks(model: nn.Module, names: list[str], source: str = "the architecture") -> None:
+    """Replace the blocks ``names`` (module paths such as ``visual_encoder.blocks.8``) by pass-through
+    :class:`~models.layers.SkippedBlock` s, in place; their parameters leave the model."""
+    modules = dict(model.named_modules())
+    for name in names:
+        parent_name, _, index = name.rpartition(".")
+        parent = modules.get(parent_name)
+        if not isinstance(parent, nn.ModuleList) or not index.isdigit() or int(index) >= len(parent):
+            raise CheckpointError(f"{source}: skipped block {name} is not a block of the model")
+        block = parent[int(index)]
+        if not isinstance(block, SkippedBlock):
+            parent[int(index)] = SkippedBlock(getattr(block, "index", int(index)))
 
 
 def _unit_size(u: Unit) -> int:
@@ -82,8 +110,10 @@ def _unit_size(u: Unit) -> int:
 
 def _check_version(arch: Mapping[str, Any], source: str) -> None:
     version = arch.get("version")
-    if version != ARCH_VERSION:
-        raise CheckpointError(f"{source}: architecture description version {version!r}, expected {ARCH_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{source}: architecture description version {version!r}; this project reads {READABLE_VERSIONS}"
+        )
 
 
 def apply_architecture(model: nn.Module, arch: Mapping[str, Any], source: str = "the architecture") -> list[str]:
@@ -95,6 +125,7 @@ def apply_architecture(model: nn.Module, arch: Mapping[str, Any], source: str = 
     both).
     """
     _check_version(arch, source)
+    skip_blocks(model, list(arch.get("skipped", [])), source)
     units = model_units(model, momentum=True)
     by_name: dict[str, dict[str, Unit]] = {}
     for u in units:
@@ -123,7 +154,25 @@ def apply_architecture(model: nn.Module, arch: Mapping[str, Any], source: str = 
         if name not in attentions:
             raise CheckpointError(f"{source}: scale given for {name}, which is not an attention module of the model")
         attentions[name].scale = float(scale)
-    return changed
+    for name, widths in arch.get("value_dims", {}).items():
+        if name not in attentions:
+            raise CheckpointError(f"{source}: value widths given for {name}, which is not an attention module")
+        attention = attentions[name]
+        if len(widths) != attention.num_heads or max(widths) > attention.head_dim:
+            raise CheckpointError(
+                f"{source}: {name} value widths {widths} do not fit {attention.num_heads} heads of {attention.head_dim}"
+            )
+        attention.keep_value_dims([torch.arange(int(w)) for w in widths])
+        changed.append(f"{name}.value_dims")
+    if arch.get("reducers") is not None:
+        from models.token_ops import attach_reducers
+
+        try:
+            attach_reducers(model, arch["reducers"], source)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        changed += [f"{name}.reducers" for name in arch["reducers"]]
+    return changed + [f"{name} skipped" for name in arch.get("skipped", [])]
 
 
 def _rows(sd: Mapping[str, Tensor], key: str, source: str) -> int:
@@ -201,9 +250,13 @@ def fit_to_checkpoint(
     changed = apply_architecture(model, arch, source)
     if not changed:
         return None
-    total = sum(len(k) for k in dense.values())
     how = "inferred from tensor shapes" if inferred else "from its architecture description"
-    summary = f"{source}: compressed architecture {how}; {len(changed)} of {total} unit widths differ from dense"
+    widths = [c for c in changed if "=" in c]
+    others = [c for c in changed if "=" not in c]
+    summary = (
+        f"{source}: architecture {how}; {len(widths)} of {sum(len(k) for k in dense.values())} unit widths differ "
+        f"from dense" + (f"; {', '.join(others[:6])}" + (" ..." if len(others) > 6 else "") if others else "")
+    )
     log.info("%s", summary)
     return summary
 

@@ -62,6 +62,13 @@ def create_vit(
     return vit, arch["embed_dim"]
 
 
+def encode_image(vit: VisionTransformer, image: Tensor) -> tuple[Tensor, Tensor]:
+    """Image tokens (B, N', D) and their 0/1 padding mask (B, N') for the cross-attention that reads them:
+    the image's token state goes with its tokens, whatever the ViT's token hooks did to them."""
+    embeds, state = vit.forward_tokens(image)
+    return embeds, state.padding_mask(embeds)
+
+
 def med_config(config: Mapping[str, Any], tokenizer, encoder_width: int, **overrides: Any) -> MedConfig:
     """The MED config file with the vocabulary size of ``tokenizer`` and the image width for cross-attention."""
     return MedConfig.from_json_file(
@@ -172,9 +179,17 @@ def tower_units(model: nn.Module, towers: tuple[str, ...], momentum: bool = Fals
 
 
 class PrunableTowers:
-    """Mixin of BLIP task models: ``prunable_units()`` over the towers named in ``TOWERS``."""
+    """Mixin of BLIP task models: ``prunable_units()`` over the towers named in ``TOWERS``, and the model's cost
+    probes (:mod:`models.blip_probes`)."""
 
     TOWERS: tuple[str, ...] = ()
 
     def prunable_units(self, momentum: bool = False) -> list:
         return tower_units(self, self.TOWERS, momentum)
+
+    def cost_probe(self, kind: str = "seed", batch: Any = None, dataset: Any = None, batch_size: int = 1):
+        """What the model is fed when counted (``seed``: the seed's dummy inputs; ``batch``: an evaluation batch)
+        or timed (``speed``: ``batch_size`` samples), with the same call's analytic cost."""
+        from models.blip_probes import blip_probe
+
+        return blip_probe(self, kind, batch, dataset, batch_size)

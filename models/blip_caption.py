@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.blip import PrunableTowers, build_tokenizer, create_vit, decoder_batch, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, decoder_batch, encode_image, med_config, tokenize
 from models.med import BertLMHeadModel
 
 
@@ -26,8 +26,7 @@ class BlipCaption(PrunableTowers, nn.Module):
         self.prompt_length = len(self.tokenizer(prompt).input_ids) - 1
 
     def _image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        embeds = self.visual_encoder.forward_features(image)
-        return embeds, torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
+        return encode_image(self.visual_encoder, image)
 
     def forward(self, image: Tensor, caption: list[str]) -> Tensor:
         """Label-smoothed LM loss (token mean) of ``caption`` (which already starts with the prompt)."""

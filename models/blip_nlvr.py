@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blip import PrunableTowers, build_tokenizer, create_vit, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, encode_image, med_config, tokenize
 from models.med import BertModel
 
 
@@ -43,12 +42,12 @@ class BlipNLVR(PrunableTowers, nn.Module):
         """``image`` is [images0; images1] stacked (2B, 3, H, W), or, with ``pairs`` ((B, 2) long), any set
         of images of which sentence ``b`` reads rows ``pairs[b]`` (each image is encoded once however many
         sentences read it). Returns the loss when ``targets`` is given, else the logits (B, 2)."""
-        image_embeds = self.visual_encoder.forward_features(image)
+        image_embeds, image_atts = encode_image(self.visual_encoder, image)
         if pairs is None:
-            e0, e1 = image_embeds.chunk(2, dim=0)
+            (e0, e1), (a0, a1) = image_embeds.chunk(2, dim=0), image_atts.chunk(2, dim=0)
         else:
             e0, e1 = image_embeds[pairs[:, 0]], image_embeds[pairs[:, 1]]
-        a0 = a1 = torch.ones(e0.shape[:-1], dtype=torch.long, device=image.device)
+            a0, a1 = image_atts[pairs[:, 0]], image_atts[pairs[:, 1]]
         t = tokenize(self.tokenizer, text, image.device, first=self.tokenizer.enc_token_id, padding="longest")
         hidden = self.text_encoder(t.input_ids, t.attention_mask, [e0, e1], [a0, a1])
         logits = self.cls_head(hidden[:, 0])

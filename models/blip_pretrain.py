@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from models.blip import decoder_batch, med_config
@@ -24,6 +23,7 @@ class BlipPretrain(BlipRetrieval):
     TOWERS = ("visual_encoder", "text_encoder", "text_decoder")
     QUEUE_POINTER = "queue_ptr"
     IDX_QUEUE_SAVED = False  # image ids are used for ITC positives but are not part of the file
+    cost_probe = None  # pre-training has no seed convention for FLOPs
 
     def __init__(self, config: Mapping[str, Any], image_size: int = 224, tokenizer=None, **kw):
         super().__init__(config, image_size=image_size, tokenizer=tokenizer, **kw)
@@ -38,8 +38,7 @@ class BlipPretrain(BlipRetrieval):
 
     def forward(self, image: Tensor, caption: list[str], alpha: float, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(ITC, ITM, LM) losses; ``idx`` identifies images so that captions of one image are positives."""
-        loss_ita, loss_itm, embeds = self.contrastive_losses(image, caption, alpha, idx)
-        atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
+        loss_ita, loss_itm, (embeds, atts) = self.contrastive_losses(image, caption, alpha, idx)
         text, targets = decoder_batch(self.tokenizer, caption, image.device, 30)
         loss_lm = self.text_decoder(text.input_ids, text.attention_mask, embeds, atts, labels=targets).loss
         return loss_ita, loss_itm, loss_lm

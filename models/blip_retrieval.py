@@ -18,6 +18,7 @@ from models.blip import (
     concat_all_gather,
     copy_params,
     create_vit,
+    encode_image,
     med_config,
     momentum_update,
     tokenize,
@@ -86,10 +87,11 @@ class BlipRetrieval(PrunableTowers, nn.Module):
         copy_params(self.model_pairs)
 
     # ------------------------------------------------------------------------------------------ encoders
-    def image_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """(all image tokens (B, 1+N, Dv), normalised ITC embedding of the CLS token (B, E))."""
-        embeds = self.visual_encoder.forward_features(image)
-        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+    def image_features(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(image tokens (B, N', Dv), their padding mask (B, N'), normalised ITC embedding of the CLS token (B, E));
+        N' is 1 + N unless token hooks reduced the tokens."""
+        embeds, atts = encode_image(self.visual_encoder, image)
+        return embeds, atts, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
 
     def text_inputs(self, text: list[str], device: torch.device):
         return tokenize(self.tokenizer, text, device, padding="max_length", truncation=True, max_length=TEXT_LENGTH)
@@ -99,10 +101,12 @@ class BlipRetrieval(PrunableTowers, nn.Module):
         out = self.text_encoder(ids, mask, mode="text")
         return F.normalize(self.text_proj(out[:, 0]), dim=-1)
 
-    def itm_logits(self, ids: Tensor, mask: Tensor, image_embeds: Tensor) -> Tensor:
-        """ITM logits (B, 2) of texts (first token already [ENC]) against image token sequences."""
-        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text_encoder(ids, mask, image_embeds, atts)
+    def itm_logits(self, ids: Tensor, mask: Tensor, image_embeds: Tensor, image_atts: Tensor | None = None) -> Tensor:
+        """ITM logits (B, 2) of texts (first token already [ENC]) against image token sequences, which may be
+        padded (``image_atts`` 0 on padding; ``None``: every token is real)."""
+        if image_atts is None:
+            image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.text_encoder(ids, mask, image_embeds, image_atts)
         return self.itm_head(out[:, 0])
 
     # ------------------------------------------------------------------------------------------ training
@@ -113,11 +117,11 @@ class BlipRetrieval(PrunableTowers, nn.Module):
 
     def contrastive_losses(
         self, image: Tensor, caption: list[str], alpha: float, idx: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(ITC loss, ITM loss, image token embeddings), the embeddings for objectives built on top."""
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """(ITC loss, ITM loss, (image tokens, their padding mask)), the tokens for objectives built on top."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        image_embeds, image_feat = self.image_features(image)
+        image_embeds, image_atts, image_feat = self.image_features(image)
         text = self.text_inputs(caption, image.device)
         text_feat = self.text_features(text.input_ids, text.attention_mask)
 
@@ -154,7 +158,6 @@ class BlipRetrieval(PrunableTowers, nn.Module):
         enc_ids = text.input_ids.clone()
         enc_ids[:, 0] = self.tokenizer.enc_token_id
         bs = image.shape[0]
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
         out_pos = self.text_encoder(enc_ids, text.attention_mask, image_embeds, image_atts)
 
         if self.negative_all_rank:
@@ -165,6 +168,7 @@ class BlipRetrieval(PrunableTowers, nn.Module):
                 w_i2t = F.softmax(image_feat @ text_feat_world.t() / self.temp, dim=1).masked_fill(mask, 0)
                 w_t2i = F.softmax(text_feat @ image_feat_world.t() / self.temp, dim=1).masked_fill(mask, 0)
             image_embeds_world = all_gather_with_grad(image_embeds)
+            image_atts_world = concat_all_gather(image_atts)
             ids_world = concat_all_gather(enc_ids)
             att_world = concat_all_gather(text.attention_mask)
         else:
@@ -172,24 +176,25 @@ class BlipRetrieval(PrunableTowers, nn.Module):
                 mask = torch.eq(idx, idx.t())
                 w_i2t = F.softmax(image_feat @ text_feat.t() / self.temp, dim=1).masked_fill(mask, 0)
                 w_t2i = F.softmax(text_feat @ image_feat.t() / self.temp, dim=1).masked_fill(mask, 0)
-            image_embeds_world, ids_world, att_world = image_embeds, enc_ids, text.attention_mask
+            image_embeds_world, image_atts_world = image_embeds, image_atts
+            ids_world, att_world = enc_ids, text.attention_mask
 
         neg_img = torch.multinomial(_safe_rows(w_t2i), 1).squeeze(1)
         neg_txt = torch.multinomial(_safe_rows(w_i2t), 1).squeeze(1)
-        image_embeds_neg = image_embeds_world[neg_img]
+        image_embeds_neg, image_atts_neg = image_embeds_world[neg_img], image_atts_world[neg_img]
         text_ids_neg, text_atts_neg = ids_world[neg_txt], att_world[neg_txt]
 
         ids_all = torch.cat([enc_ids, text_ids_neg], dim=0)
         atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
         image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+        image_atts_all = torch.cat([image_atts_neg, image_atts], dim=0)
         out_neg = self.text_encoder(ids_all, atts_all, image_embeds_all, image_atts_all)
 
         cls = torch.cat([out_pos[:, 0], out_neg[:, 0]], dim=0)
         logits = self.itm_head(cls)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
         loss_itm = F.cross_entropy(logits.float(), labels)
-        return loss_ita, loss_itm, image_embeds
+        return loss_ita, loss_itm, (image_embeds, image_atts)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, idxs: Tensor) -> None:

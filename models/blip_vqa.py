@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blip import PrunableTowers, build_tokenizer, create_vit, lm_targets, med_config, tokenize
+from models.blip import PrunableTowers, build_tokenizer, create_vit, encode_image, lm_targets, med_config, tokenize
 from models.med import BertLMHeadModel, BertModel
 
 
@@ -28,8 +28,9 @@ class BlipVQA(PrunableTowers, nn.Module):
         self.text_decoder = BertLMHeadModel(med_config(config, self.tokenizer, enc_cfg.hidden_size))
 
     def encode_question(self, image: Tensor, question: list[str]) -> tuple[Tensor, Tensor]:
-        embeds = self.visual_encoder.forward_features(image)
-        atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=image.device)
+        """The question encoder's states (B, T', D) and their padding mask (B, T'): T' < T when token hooks
+        dropped question tokens, and the answer decoder then reads exactly the tokens that are left."""
+        embeds, atts = encode_image(self.visual_encoder, image)
         q = tokenize(
             self.tokenizer,
             question,
@@ -39,8 +40,8 @@ class BlipVQA(PrunableTowers, nn.Module):
             truncation=True,
             max_length=35,
         )
-        states = self.text_encoder(q.input_ids, q.attention_mask, embeds, atts)
-        return states, q.attention_mask
+        states, state = self.text_encoder.encode(q.input_ids, q.attention_mask, embeds, atts)
+        return states, state.padding_mask(states)
 
     def _answers(self, answers: list[str], device: torch.device):
         return tokenize(self.tokenizer, answers, device, first=self.tokenizer.bos_token_id, padding="longest")

@@ -13,8 +13,10 @@ Every backbone (BLIP's ViT and BERT, CLIP, ViLT, DeiT) is assembled from :class:
 * **Physical slicing** (``keep_head_dims``, ``keep_heads``, ``keep_neurons``): replaces the weights of
   the affected Linear layers in place by the kept rows/columns (biases included), so a compressed
   model is an ordinary model with other widths.
-* **Token hook** (``Block.token_hook``): a callable ``(x, info) -> (x, info)`` run after the attention
-  residual and before the MLP, where token pruning and merging happen.
+* **Token hooks** (``Block.token_hooks``): callables run at the three points of :mod:`models.token_state`
+  (before attention, after self-attention, after the attention residual and before the MLP), where token
+  scoring, pruning and merging happen; the block passes its :class:`~models.token_state.TokenState` through
+  them and returns it.
 
 :func:`module_units` describes what can be pruned as a list of :class:`Unit`; pruners consume that.
 """
@@ -32,6 +34,8 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .token_state import HookContext, TokenHook, TokenState, hooks_need, run_hooks
+
 __all__ = [
     "Attention",
     "AttentionOutput",
@@ -39,7 +43,7 @@ __all__ = [
     "KVCache",
     "Mlp",
     "QuickGELU",
-    "TokenHook",
+    "SkippedBlock",
     "Unit",
     "attention",
     "module_units",
@@ -47,7 +51,6 @@ __all__ = [
 ]
 
 IndexLike = Tensor | Sequence[int] | Sequence[bool]
-TokenHook = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
 
 def attention(
@@ -186,6 +189,7 @@ class AttentionOutput(NamedTuple):
     out: Tensor
     probs: Tensor | None
     keys: Tensor | None
+    head_out: Tensor | None = None
 
 
 class Attention(_SlotModule):
@@ -209,6 +213,12 @@ class Attention(_SlotModule):
     Mask slots: ``head_dim_mask`` (shape ``(head_dim,)``) multiplies coordinate ``i`` of every head's
     query, key and value before the scores (UPop); ``head_mask`` (shape ``(num_heads,)``) multiplies
     each head's context (head pruning).
+
+    Uneven value widths (``value_dims``, one per head, each at most ``head_dim``; UVC prunes value
+    coordinates inside each head): queries and keys keep ``head_dim``, the value rows and the projection's
+    input columns are the per-head widths laid head after head. The heads' values are zero-padded to
+    ``head_dim`` for one fused attention call and the padding is dropped before the projection, so the
+    projection and the value Linear run at the reduced width and the attention product at the padded one.
     """
 
     _slots: ClassVar[dict[str, str | None]] = {"head_dim_mask": "head_dim", "head_mask": "num_heads"}
@@ -255,13 +265,36 @@ class Attention(_SlotModule):
         self.proj_drop = nn.Dropout(proj_drop)
         self.head_dim_mask: Tensor | None = None
         self.head_mask: Tensor | None = None
+        self.value_dims: list[int] | None = None
 
     @property
     def inner_dim(self) -> int:
+        """Width of the query / key projections (heads x head width)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def value_inner_dim(self) -> int:
+        """Width of the value projection and of the context the output projection reads."""
+        return self.inner_dim if self.value_dims is None else sum(self.value_dims)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _split_values(self, t: Tensor) -> Tensor:
+        """Values (B, T, value width) as (B, H, T, head_dim), uneven heads zero-padded."""
+        if self.value_dims is None:
+            return self._split_heads(t)
+        b, n = t.shape[:2]
+        heads = t.split(self.value_dims, dim=-1)
+        padded = [F.pad(h, (0, self.head_dim - h.shape[-1])) for h in heads]
+        return torch.stack(padded, dim=1)
+
+    def _merge_values(self, ctx: Tensor) -> Tensor:
+        """The context (B, H, T, head_dim) as (B, T, value width), the padding of uneven heads dropped."""
+        b, _, n, _ = ctx.shape
+        if self.value_dims is None:
+            return ctx.transpose(1, 2).reshape(b, n, self.inner_dim)
+        return torch.cat([ctx[:, h, :, :w] for h, w in enumerate(self.value_dims)], dim=-1)
 
     def forward(
         self,
@@ -271,14 +304,15 @@ class Attention(_SlotModule):
         need_probs: bool = False,
         need_keys: bool = False,
         kv_cache: KVCache | None = None,
+        need_head_out: bool = False,
     ) -> Tensor | AttentionOutput:
         """Attend from ``x`` (B, Tq, dim) to itself or to ``context`` (B, Tk, kv_dim).
 
         ``mask`` is additive, broadcastable to (B, H, Tq, Tk). Returns the output (B, Tq, out) (after
-        ``proj`` if present). When ``need_probs`` or ``need_keys`` is set it returns an
-        :class:`AttentionOutput` instead, with the probabilities (B, H, Tq, Tk) and/or the masked keys
-        (B, H, Tk, d); unrequested fields are ``None``. Nothing is stored on the module, so the call
-        is safe under activation checkpointing.
+        ``proj`` if present). When ``need_probs``, ``need_keys`` or ``need_head_out`` is set it returns an
+        :class:`AttentionOutput` instead, with the probabilities (B, H, Tq, Tk), the masked keys (B, H, Tk, d)
+        and/or each head's context before the projection (B, H, Tq, d); unrequested fields are ``None``.
+        Nothing is stored on the module, so the call is safe under activation checkpointing.
         """
         B, T, _ = x.shape
         cross = context is not None
@@ -287,14 +321,18 @@ class Attention(_SlotModule):
         if self.fused:
             if cross:
                 raise ValueError("the fused qkv layout cannot attend to a context; build with fused=False")
-            qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            if self.value_dims is None:
+                qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0)
+            else:
+                q, k, v = self.qkv(x).split([self.inner_dim, self.inner_dim, self.value_inner_dim], dim=-1)
+                q, k, v = self._split_heads(q), self._split_heads(k), self._split_values(v)
         else:
             q = self._split_heads(self.query(x))
             if not reuse_cached:
                 source = context if cross else x
                 k = self._split_heads(self.key(source))
-                v = self._split_heads(self.value(source))
+                v = self._split_values(self.value(source))
 
         if self.head_dim_mask is not None:
             m = self.head_dim_mask.to(q.dtype)
@@ -314,14 +352,16 @@ class Attention(_SlotModule):
         ctx, probs = attention(q, k, v, mask, self.scale, need_probs, dropout_p)
         if self.head_mask is not None:
             ctx = ctx * self.head_mask.to(ctx.dtype).view(1, -1, 1, 1)
-        out = ctx.transpose(1, 2).reshape(B, T, self.inner_dim)
+        out = self._merge_values(ctx)
         if self.proj is not None:
             out = self.proj_drop(self.proj(out))
-        if need_probs or need_keys:
-            return AttentionOutput(out, probs, k if need_keys else None)
+        if need_probs or need_keys or need_head_out:
+            return AttentionOutput(out, probs, k if need_keys else None, ctx if need_head_out else None)
         return out
 
     def _slice(self, heads: Tensor, dims: Tensor) -> Tensor:
+        if self.value_dims is not None:
+            raise ValueError("cannot slice whole head widths of an attention with uneven value widths")
         cols = _grouped_rows(heads, dims, self.num_heads, self.head_dim, 1)
         if self.fused:
             slice_linear(self.qkv, out_idx=_grouped_rows(heads, dims, self.num_heads, self.head_dim, 3))
@@ -356,6 +396,28 @@ class Attention(_SlotModule):
         mask = sliced_mask(self.head_mask, keep)
         self.num_heads = keep.numel()
         self.head_mask = mask
+        return cols
+
+    def keep_value_dims(self, widths: Sequence[IndexLike]) -> Tensor:
+        """Keep, in every head ``h``, the value coordinates ``widths[h]`` (indices or a boolean keep-vector into
+        ``range(head_dim)``), in place: value rows (and biases) and the projection's input columns. Queries and
+        keys keep their width and the softmax scale is unchanged. Returns the kept context columns, for an
+        output projection outside this module."""
+        if self.value_dims is not None:
+            raise ValueError("value widths are already uneven; cut them once, from the full head width")
+        if len(widths) != self.num_heads:
+            raise ValueError(f"keep_value_dims needs one index set per head ({self.num_heads}), got {len(widths)}")
+        kept = [_as_index(w, self.head_dim, "value dim") for w in widths]
+        cols = torch.cat([h * self.head_dim + k for h, k in enumerate(kept)])
+        inner = self.inner_dim
+        if self.fused:
+            rows = torch.cat([torch.arange(2 * inner), 2 * inner + cols])
+            slice_linear(self.qkv, out_idx=rows)
+        else:
+            slice_linear(self.value, out_idx=cols)
+        if self.proj is not None:
+            slice_linear(self.proj, in_idx=cols)
+        self.value_dims = [int(k.numel()) for k in kept]
         return cols
 
     def param_cost(self, kind: str) -> int:
@@ -432,33 +494,20 @@ class Mlp(_SlotModule):
         return self.fc1.in_features + int(self.fc1.bias is not None) + self.fc2.out_features
 
 
-class Block(_SlotModule):
+class Block(nn.Module):
     """Pre-norm transformer block with timm parameter names (ViT, DeiT, CLIP, ViLT).
 
-    ``x = x + drop_path1(attn(norm1(x)))``; ``x, info = token_hook(x, info)``;
-    ``x = x + drop_path2(mlp(norm2(x)))``. The token count may differ between calls and may change
-    inside the hook.
+    ``x = x + drop_path1(attn(norm1(x)))``, then ``x = x + drop_path2(mlp(norm2(x)))``, with the token hooks
+    of ``token_hooks`` run before the attention (``pre_attn``) and after its residual (``post_self_attn`` and
+    ``post_attn``, one place here), before the MLP. ``forward(x, state)`` returns ``(x, state)``: the
+    :class:`~models.token_state.TokenState` gives the attention its bias (padding, proportional attention) and
+    comes back changed if a hook reduced the tokens; the token count may differ between calls.
 
-    ``info`` is one mutable dict per forward pass, shared by all blocks of a model ("token state").
-    The block reads from it:
-
-    * ``"attn_mask"``: additive mask broadcastable to (B, H, T, T) for the current tokens;
-    * ``"size"`` (B, T, 1) with ``"prop_attn"`` true: adds ``log(size)`` of each key to the scores
-      (proportional attention for merged tokens);
-    * ``"record_attn"``: block indices whose probabilities are kept in ``info["attn_maps"][index]``.
-
-    Before calling the hook it sets ``"block"`` (this block's ``index``), ``"attn_probs"`` (B, H, T, T)
-    if the hook has ``needs_attn_probs = True`` (or the block is recorded) and ``"attn_keys"``
-    (B, H, T, d) if it has ``needs_attn_keys = True``; these two are removed again after the hook. A hook that drops or
-    merges tokens must update ``"attn_mask"`` and ``"size"`` (if present) to the new tokens. The
-    hook may mutate ``info`` and return it, or return a new dict whose contents replace it.
-
-    ``grad_checkpointing`` (off by default) recomputes the attention and MLP branches in backward
-    while training, inside ``forward``, so module and parameter names never change.
-    ``token_hook`` is a slot: a hook that is an ``nn.Module`` is not registered as a submodule.
+    ``token_hooks`` is a plain list (hooks are never registered as submodules; a reducer with weights keeps
+    them in a module of the model's own). ``grad_checkpointing`` (off by default) recomputes the attention
+    and MLP branches in backward while training, inside ``forward``, so module and parameter names never
+    change.
     """
-
-    _slots: ClassVar[dict[str, str | None]] = {"token_hook": None}
 
     def __init__(
         self,
@@ -487,58 +536,71 @@ class Block(_SlotModule):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, mlp_hidden or int(dim * mlp_ratio), act=act, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.token_hook: TokenHook | None = None
+        self.token_hooks: list[TokenHook] = []
         self.grad_checkpointing = False
 
-    def _attn_branch(self, x: Tensor, mask: Tensor | None, need_probs: bool, need_keys: bool):
-        return self.attn(self.norm1(x), mask=mask, need_probs=need_probs, need_keys=need_keys)
+    def _attn_branch(self, x: Tensor, bias: Tensor | None, probs: bool, keys: bool, head_out: bool):
+        return self.attn(self.norm1(x), mask=bias, need_probs=probs, need_keys=keys, need_head_out=head_out)
 
     def _mlp_branch(self, x: Tensor) -> Tensor:
         return self.mlp(self.norm2(x))
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return run_branch(self, fn, *args)
 
-    def forward(self, x: Tensor, info: dict[str, Any] | None = None) -> Tensor:
-        hook = self.token_hook
-        if info is None and hook is not None:
-            info = {}
-        mask = None
-        record = False
-        if info is not None:
-            mask = info.get("attn_mask")
-            size = info.get("size")
-            if size is not None and info.get("prop_attn", False):
-                size_bias = size.log().to(x.dtype)[:, None, None, :, 0]
-                mask = size_bias if mask is None else mask + size_bias
-            record = self.index in info.get("record_attn", ())
-        need_probs = record or bool(getattr(hook, "needs_attn_probs", False))
-        need_keys = bool(getattr(hook, "needs_attn_keys", False))
-
-        result = self._run(self._attn_branch, x, mask, need_probs, need_keys)
-        probs = keys = None
-        if need_probs or need_keys:
-            result, probs, keys = result
-        x = x + self.drop_path1(result)
-
+    def forward(self, x: Tensor, state: TokenState | None = None) -> tuple[Tensor, TokenState]:
+        state = TokenState() if state is None else state
+        hooks = self.token_hooks
+        if hooks:
+            x, state = run_hooks(hooks, "pre_attn", x, state, HookContext(self.index, "pre_attn"))
+        t_in = x.shape[1]
+        record = self.index in state.record
+        wants = attention_wants(hooks, record)
+        result = self._run(self._attn_branch, x, state.attn_bias(x), *wants)
+        out = result if isinstance(result, AttentionOutput) else AttentionOutput(result, None, None)
+        x = x + self.drop_path1(out.out)
         if record:
-            info.setdefault("attn_maps", {})[self.index] = probs
-        if hook is not None:
-            info["block"] = self.index
-            if need_probs:
-                info["attn_probs"] = probs
-            if need_keys:
-                info["attn_keys"] = keys
-            x, new_info = hook(x, info)
-            if new_info is not info:
-                info.clear()
-                info.update(new_info)
-            info.pop("attn_probs", None)
-            info.pop("attn_keys", None)
+            state.maps[self.index] = out.probs
+        t_mid = t_in
+        if hooks:
+            for point in ("post_self_attn", "post_attn"):
+                ctx = HookContext(self.index, point, out.probs, out.keys, out.head_out)
+                x, state = run_hooks(hooks, point, x, state, ctx)
+                t_mid = x.shape[1] if point == "post_self_attn" else t_mid
+        state.counts[self.index] = (t_in, t_mid, x.shape[1])
+        return x + self.drop_path2(self._run(self._mlp_branch, x)), state
 
-        return x + self.drop_path2(self._run(self._mlp_branch, x))
+
+class SkippedBlock(nn.Module):
+    """A removed block (UVC's block skipping): it passes the tokens and their state through unchanged. It
+    keeps its place in the encoder's list, so the other blocks keep their indices and parameter names."""
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: Tensor, state: TokenState | None = None, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+        state = TokenState() if state is None else state
+        state.counts[self.index] = (0, 0, 0)
+        return x, state
+
+
+def run_branch(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, recomputed in backward when ``module.grad_checkpointing`` is on while training."""
+    if module.grad_checkpointing and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def attention_wants(hooks: Sequence[TokenHook], record: bool = False) -> tuple[bool, bool, bool]:
+    """(probabilities, keys, head outputs): what a block's self-attention must return for its hooks after
+    attention (and for recording its probabilities)."""
+    after = ("post_self_attn", "post_attn")
+    return (
+        record or hooks_need(hooks, "probs", after),
+        hooks_need(hooks, "keys", after),
+        hooks_need(hooks, "head_out", after),
+    )
 
 
 UNIT_KINDS: dict[str, tuple[str, str]] = {

@@ -39,15 +39,17 @@ from .layers import (
     AttentionOutput,
     IndexLike,
     KVCache,
-    TokenHook,
+    SkippedBlock,
     Unit,
     _as_index,
     _SlotModule,
+    attention_wants,
     checkpoint_last_blocks,
     module_units,
     slice_linear,
     sliced_mask,
 )
+from .token_state import MASK_VALUE, HookContext, TokenHook, TokenState, extended_attention_mask, hooks_need, run_hooks
 
 __all__ = [
     "BertAttention",
@@ -65,9 +67,6 @@ __all__ = [
     "nucleus_sample",
     "prunable_units",
 ]
-
-# BERT's additive mask value (not -inf): a fully padded row still gets a finite softmax.
-MASK_VALUE = -10000.0
 
 # Keys of Hugging Face config files that carry no architecture information for MED.
 _IGNORED_CONFIG_KEYS = frozenset(
@@ -149,45 +148,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 # ------------------------------------------------------------------------------------------------ masks
-
-
-def extended_attention_mask(
-    mask: Tensor | None,
-    batch: int,
-    length: int,
-    past: int = 0,
-    is_decoder: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | None = None,
-) -> Tensor | None:
-    """Additive self-attention mask for ``length`` new tokens after ``past`` cached ones.
-
-    ``mask`` is a 0/1 padding mask over all ``past + length`` keys (B, past + length), or a full
-    (B, length, past + length) mask used as given. Decoders multiply the padding mask by a causal
-    mask in which every query also sees the whole cached prefix. Returns (B, 1, Tq, Tk) or
-    (B, 1, 1, Tk), or ``None`` when nothing is masked.
-    """
-    total = past + length
-    if mask is None:
-        if not is_decoder:
-            return None
-        mask = torch.ones(batch, total, device=device)
-    if mask.dim() == 3:
-        keep = mask[:, None].to(dtype)
-    elif mask.dim() == 2:
-        if mask.shape[1] != total:
-            raise ValueError(
-                f"attention_mask covers {mask.shape[1]} positions but there are {total} ({past} cached + {length} new)"
-            )
-        keep = mask[:, None, None, :].to(dtype)
-        if is_decoder:
-            keys = torch.arange(total, device=mask.device)
-            queries = torch.arange(past, total, device=mask.device)
-            causal = (keys[None, :] <= queries[:, None]).to(dtype)
-            keep = causal[None, None] * keep
-    else:
-        raise ValueError(f"attention_mask must be (B, T) or (B, Tq, Tk), got shape {tuple(mask.shape)}")
-    return (1.0 - keep) * MASK_VALUE
 
 
 def _encoder_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -273,6 +233,9 @@ class BertSelfAttention(Attention):
     def keep_heads(self, idx: IndexLike) -> Tensor:
         return self._slice_output(super().keep_heads(idx))
 
+    def keep_value_dims(self, widths: Sequence[IndexLike]) -> Tensor:
+        return self._slice_output(super().keep_value_dims(widths))
+
     def param_cost(self, kind: str) -> int:
         cost = super().param_cost(kind)
         out = self._output_dense.out_features if self._output_dense is not None else 0
@@ -287,10 +250,19 @@ def _attend(
     kv_cache: KVCache | None,
     need_probs: bool,
     need_keys: bool,
+    need_head_out: bool = False,
 ) -> AttentionOutput:
     # Asking for probabilities leaves the fused SDPA kernel, so only do it on request.
-    if need_probs or need_keys:
-        return attn(x, context=context, mask=mask, need_probs=need_probs, need_keys=need_keys, kv_cache=kv_cache)
+    if need_probs or need_keys or need_head_out:
+        return attn(
+            x,
+            context=context,
+            mask=mask,
+            need_probs=need_probs,
+            need_keys=need_keys,
+            kv_cache=kv_cache,
+            need_head_out=need_head_out,
+        )
     return AttentionOutput(attn(x, context=context, mask=mask, kv_cache=kv_cache), None, None)
 
 
@@ -331,10 +303,11 @@ class BertAttention(nn.Module):
         kv_cache: KVCache | None = None,
         need_probs: bool = False,
         need_keys: bool = False,
+        need_head_out: bool = False,
     ) -> AttentionOutput:
         """Attend from ``x`` to itself or to ``context``; ``mask`` is additive over the keys."""
-        out = _attend(self.self, x, context, mask, kv_cache, need_probs, need_keys)
-        return AttentionOutput(self.output(out.out, x), out.probs, out.keys)
+        out = _attend(self.self, x, context, mask, kv_cache, need_probs, need_keys, need_head_out)
+        return AttentionOutput(self.output(out.out, x), out.probs, out.keys, out.head_out)
 
 
 class BertTwinOutput(nn.Module):
@@ -469,21 +442,19 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x + self.position_embeddings(positions)[None]))
 
 
-class BertLayer(_SlotModule):
-    """Self-attention, optional cross-attention (single or NLVR2 twin), token hook, FFN.
+class BertLayer(nn.Module):
+    """Self-attention, optional cross-attention (single or NLVR2 twin), FFN, with token hooks.
 
-    The hook is called after the (cross-)attention residual and before the FFN with the per-forward
-    ``info`` dict (see :class:`models.layers.Block` for the protocol). Here ``info`` holds
-    ``"attn_mask"``, the additive self-attention mask of the current text tokens, which a hook that
-    drops or merges text tokens must update; before the hook, ``"block"`` is this layer's index and,
-    on request through attributes of the hook, ``"attn_probs"`` / ``"attn_keys"`` (self-attention,
-    ``needs_attn_probs`` / ``needs_attn_keys``) and ``"cross_attn_probs"`` (``needs_cross_attn_probs``;
-    a pair for twin layers) are set and removed again afterwards.
+    ``forward(x, state, ...)`` returns ``(x, state)``. The hooks of ``token_hooks`` run at the three points
+    of :mod:`models.token_state`: ``pre_attn`` (the layer input), ``post_self_attn`` (after the self-attention
+    sub-layer, before the cross-attention: text pruned here leaves the cross-attention with fewer queries)
+    and ``post_attn`` (after the cross-attention, before the FFN). The self-attention bias comes from the
+    state (padding mask, causality over the cache), so a hook that drops text tokens updates the state's
+    mask with them. In ``ctx`` a hook finds, on request (``needs``), the self-attention probabilities, keys
+    and head outputs, and at ``post_attn`` the cross-attention probabilities (a pair for twin layers).
 
     ``grad_checkpointing`` recomputes each branch in backward while training (never with a cache).
     """
-
-    _slots: ClassVar[dict[str, str | None]] = {"token_hook": None}
 
     def __init__(
         self,
@@ -517,7 +488,7 @@ class BertLayer(_SlotModule):
         self.intermediate = BertIntermediate(d, mlp_hidden, config.hidden_act)
         self.output = BertOutput(mlp_hidden, d, eps, drop)
         self.intermediate.bind_output(self.output.dense)
-        self.token_hook: TokenHook | None = None
+        self.token_hooks: list[TokenHook] = []
         self.grad_checkpointing = False
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -538,49 +509,48 @@ class BertLayer(_SlotModule):
     def forward(
         self,
         x: Tensor,
-        attn_mask: Tensor | None = None,
+        state: TokenState | None = None,
         encoder_hidden_states: Tensor | Sequence[Tensor] | None = None,
         encoder_mask: Tensor | Sequence[Tensor | None] | None = None,
         cache: tuple[KVCache, KVCache] | None = None,
-        info: dict[str, Any] | None = None,
-    ) -> Tensor:
-        """``encoder_hidden_states=None`` skips the cross-attention (text mode)."""
-        hook = self.token_hook
-        if info is None and hook is not None:
-            info = {}
-        record = info is not None and self.index in info.get("record_attn", ())
-        need_probs = record or bool(getattr(hook, "needs_attn_probs", False))
-        need_keys = bool(getattr(hook, "needs_attn_keys", False))
-        need_cross = record or bool(getattr(hook, "needs_cross_attn_probs", False))
+    ) -> tuple[Tensor, TokenState]:
+        """``encoder_hidden_states=None`` skips the cross-attention (text mode); ``encoder_mask`` is additive."""
+        state = TokenState() if state is None else state
+        hooks = self.token_hooks
+        if hooks and cache is not None:
+            raise ValueError("token hooks cannot run with a key/value cache (incremental decoding)")
+        if hooks:
+            x, state = run_hooks(hooks, "pre_attn", x, state, HookContext(self.index, "pre_attn"))
+        t_in = x.shape[1]
+        record = self.index in state.record
+        need_probs, need_keys, need_head_out = attention_wants(hooks, record)
+        need_cross = record or hooks_need(hooks, "probs", ("post_attn",))
         self_cache, cross_cache = cache if cache is not None else (None, None)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
 
         def run(fn: Callable[..., Any], *args: Any) -> Any:
             return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
 
-        x, probs, keys = run(self.attention, x, attn_mask, None, self_cache, need_probs, need_keys)
+        bias = state.attn_bias(x)
+        out = run(self.attention, x, bias, None, self_cache, need_probs, need_keys, need_head_out)
+        x = out.out
+        if hooks:
+            ctx = HookContext(self.index, "post_self_attn", out.probs, out.keys, out.head_out)
+            x, state = run_hooks(hooks, "post_self_attn", x, state, ctx)
+        t_mid = x.shape[1]
         cross_probs = None
         if encoder_hidden_states is not None:
             if self.crossattention is None:
                 raise ValueError("this model has no cross-attention; call it with mode='text'")
-            x, cross_probs, _ = run(self._cross, x, encoder_hidden_states, encoder_mask, need_cross, cross_cache)
-
+            x, cross_probs, _, _ = run(self._cross, x, encoder_hidden_states, encoder_mask, need_cross, cross_cache)
         if record:
-            info.setdefault("attn_maps", {})[self.index] = probs
-            info.setdefault("cross_attn_maps", {})[self.index] = cross_probs
-        if hook is not None:
-            info["block"] = self.index
-            extras = {"attn_probs": probs, "attn_keys": keys, "cross_attn_probs": cross_probs}
-            for name, value in extras.items():
-                if value is not None:
-                    info[name] = value
-            x, new_info = hook(x, info)
-            if new_info is not info:
-                info.clear()
-                info.update(new_info)
-            for name in extras:
-                info.pop(name, None)
-        return run(self._ffn, x)
+            state.maps[self.index] = out.probs
+            state.cross_maps[self.index] = cross_probs
+        if hooks:
+            ctx = HookContext(self.index, "post_attn", out.probs, out.keys, out.head_out, cross_probs)
+            x, state = run_hooks(hooks, "post_attn", x, state, ctx)
+        state.counts[self.index] = (t_in, t_mid, x.shape[1])
+        return run(self._ffn, x), state
 
 
 class BertEncoder(nn.Module):
@@ -710,7 +680,7 @@ class BertModel(nn.Module):
     def new_cache(self) -> MedCache:
         return MedCache(len(self.layers))
 
-    def forward(
+    def encode(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
@@ -721,19 +691,18 @@ class BertModel(nn.Module):
         is_decoder: bool = False,
         inputs_embeds: Tensor | None = None,
         cache: MedCache | None = None,
-        info: dict[str, Any] | None = None,
         record_attn: Iterable[int] = (),
-    ) -> Tensor:
-        """Last hidden states (B, T, D) of the text tokens.
+    ) -> tuple[Tensor, TokenState]:
+        """Last hidden states (B, T', D) of the text tokens and their :class:`TokenState` (T' < T when token
+        hooks dropped text tokens; ``state.padding_mask(hidden)`` is then the mask of what is left).
 
         ``attention_mask`` is the 0/1 padding mask (B, cached + T) (``None``: all ones).
         ``mode="text"`` ignores the encoder states; ``"multimodal"`` requires them: (B, N, W) with an
         optional 0/1 ``encoder_attention_mask`` (B, N), or for twin models a list of two of each.
         ``is_decoder`` makes the self-attention causal; ``cache`` (from :meth:`new_cache`, decoders
         only) is filled with this call's keys/values, and the next call passes only the new tokens.
-        ``info`` is the per-forward token state given to every layer (seeded/read by the caller);
-        ``record_attn`` lists layers whose self- and cross-attention probabilities are stored in
-        ``info["attn_maps"]`` and ``info["cross_attn_maps"]``.
+        ``record_attn`` lists layers whose self- and cross-attention probabilities are kept in
+        ``state.maps`` and ``state.cross_maps``.
         """
         if mode not in ("text", "multimodal"):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
@@ -749,8 +718,11 @@ class BertModel(nn.Module):
 
         past = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, inputs_embeds, past)
-        batch, length = x.shape[:2]
-        self_mask = extended_attention_mask(attention_mask, batch, length, past, is_decoder, x.dtype, x.device)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + x.shape[1]:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions but there are {past + x.shape[1]} "
+                f"({past} cached + {x.shape[1]} new)"
+            )
         enc_mask: Any = None
         if encoder_attention_mask is not None:
             if isinstance(encoder_attention_mask, (list, tuple)):
@@ -758,15 +730,15 @@ class BertModel(nn.Module):
             else:
                 enc_mask = _encoder_mask(encoder_attention_mask, x.dtype)
 
-        info = {} if info is None else info
-        info["attn_mask"] = self_mask
-        record = frozenset(record_attn)
-        if record:
-            info["record_attn"] = record
+        state = TokenState.start(attention_mask, causal=is_decoder, past=past, record=record_attn)
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.self_attn[i], cache.cross_attn[i]) if cache is not None else None
-            x = layer(x, info.get("attn_mask"), encoder_hidden_states, enc_mask, layer_cache, info)
-        return x
+            x, state = layer(x, state, encoder_hidden_states, enc_mask, layer_cache)
+        return x, state
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Last hidden states (B, T', D); arguments as :meth:`encode`, which also returns the token state."""
+        return self.encode(*args, **kwargs)[0]
 
 
 def _cross_attentions(layer: BertLayer) -> list[BertSelfAttention]:
@@ -936,11 +908,10 @@ class BertLMHeadModel(nn.Module):
         is_decoder: bool = True,
         inputs_embeds: Tensor | None = None,
         cache: MedCache | None = None,
-        info: dict[str, Any] | None = None,
         record_attn: Iterable[int] = (),
     ) -> LMOutput:
         """Logits (B, T, V) for every position, and the LM loss (see :meth:`lm_loss`) when ``labels``
-        (B, T) are given. Other arguments as in :meth:`BertModel.forward`."""
+        (B, T) are given. Other arguments as in :meth:`BertModel.encode`."""
         hidden = self.bert(
             input_ids,
             attention_mask,
@@ -950,7 +921,6 @@ class BertLMHeadModel(nn.Module):
             is_decoder=is_decoder,
             inputs_embeds=inputs_embeds,
             cache=cache,
-            info=info,
             record_attn=record_attn,
         )
         logits = self.cls(hidden)
@@ -1308,6 +1278,8 @@ def prunable_units(
         model, prefix = model.bert, f"{prefix}bert."
     units: list[Unit] = []
     for i, layer in enumerate(model.layers):
+        if isinstance(layer, SkippedBlock):
+            continue
         base = f"{prefix}encoder.layer.{i}"
         units += module_units(f"{base}.attention.self", layer.attention.self, modality)
         ca = layer.crossattention

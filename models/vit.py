@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Block, Unit, checkpoint_last_blocks, module_units
+from .layers import Block, SkippedBlock, Unit, checkpoint_last_blocks, module_units
+from .token_state import TokenState
+
+if TYPE_CHECKING:
+    from .cost import Probe
 
 __all__ = ["PatchEmbed", "VisionTransformer", "prunable_units", "resample_pos_embed", "vit_config"]
 
@@ -206,28 +210,29 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, self.patch_embed.grid_size)
 
-    def forward_features(
-        self, x: Tensor, info: dict[str, Any] | None = None, record_attn: Iterable[int] = ()
-    ) -> Tensor:
-        """All tokens after the final norm, (B, prefix + N, D); N may shrink if a token hook prunes.
+    def forward_tokens(
+        self, x: Tensor, state: TokenState | None = None, record_attn: Iterable[int] = ()
+    ) -> tuple[Tensor, TokenState]:
+        """All tokens after the final norm, (B, prefix + N, D), and their :class:`TokenState`; N shrinks
+        when token hooks reduce the tokens.
 
-        Images of another size get the position embedding resampled to their patch grid.
-        ``info`` is the per-forward token state handed to every block (see :class:`models.layers.Block`);
-        pass a dict to seed it or to read it afterwards. ``record_attn`` lists blocks whose attention
-        probabilities are stored in ``info["attn_maps"]`` (BLIP's ``register_blk``, e.g. for Grad-CAM).
+        Images of another size get the position embedding resampled to their patch grid. ``record_attn``
+        lists blocks whose attention probabilities are kept in ``state.maps`` (BLIP's ``register_blk``, e.g.
+        for Grad-CAM).
         """
         x, grid = self.patch_embed(x)
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
         x = torch.cat([*prefix, x], dim=1) + self._pos_embed_for(grid)
-        info = {} if info is None else info
-        record = frozenset(record_attn)
-        if record:
-            info["record_attn"] = record
+        state = TokenState.start(record=record_attn) if state is None else state
         for block in self.blocks:
-            x = block(x, info)
-        return self.norm(x)
+            x, state = block(x, state)
+        return self.norm(x), state
+
+    def forward_features(self, x: Tensor, record_attn: Iterable[int] = ()) -> Tensor:
+        """All tokens after the final norm (see :meth:`forward_tokens`)."""
+        return self.forward_tokens(x, record_attn=record_attn)[0]
 
     def forward_head(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Class logits from the CLS token; distilled models average both heads unless training with
@@ -242,15 +247,39 @@ class VisionTransformer(nn.Module):
             return logits, logits_dist
         return (logits + logits_dist) / 2
 
-    def forward(self, x: Tensor, info: dict[str, Any] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Logits when the model has a head (``num_classes > 0``), else all features."""
-        return self.forward_head(self.forward_features(x, info))
+        return self.forward_head(self.forward_features(x))
+
+    def cost_probe(self, kind: str = "seed", batch: Any = None, dataset: Any = None, batch_size: int = 1) -> Probe:
+        """What the classifier is fed when counted (``seed``: one image, as DeiT's FLOPs; ``batch``: an
+        evaluation batch) or timed (``speed``: ``batch_size`` images), with the call's analytic cost."""
+        if kind == "batch":
+            if batch is None:
+                raise ValueError("a batch probe needs a batch of the evaluation loader")
+            return _classification_probe(self, batch[0].to(self.pos_embed.device))
+        if kind not in ("seed", "speed"):
+            raise ValueError(f"unknown probe kind {kind!r}; choose from ('seed', 'batch', 'speed')")
+        from models.cost import random_images
+
+        return _classification_probe(self, random_images(self, 1 if kind == "seed" else batch_size))
+
+
+def _classification_probe(vit: VisionTransformer, images: Tensor) -> Probe:
+    from models.cost import Probe, vit_cost
+
+    n = images.shape[0]
+    what = f"{n} image(s) {'x'.join(map(str, images.shape[-2:]))}; inference logits"
+    grid = (images.shape[-2] // vit.patch_embed.patch_size[0], images.shape[-1] // vit.patch_embed.patch_size[1])
+    return Probe(lambda: vit(images), n, what, analytic=lambda: vit_cost(vit, n, grid, head_rows=n)[0])
 
 
 def prunable_units(vit: VisionTransformer, modality: str = "vision", prefix: str = "") -> list[Unit]:
     """Head-dim, head and neuron units of every block, named by module path (with ``prefix``)."""
     units: list[Unit] = []
     for i, block in enumerate(vit.blocks):
+        if isinstance(block, SkippedBlock):
+            continue
         units += module_units(f"{prefix}blocks.{i}.attn", block.attn, modality)
         units += module_units(f"{prefix}blocks.{i}.mlp", block.mlp, modality)
     return units

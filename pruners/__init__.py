@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from pruners.base import Pruner
+from pruners.evit import EViT
 from pruners.platon import Platon
+from pruners.tome import ToMe
 from pruners.upop import UPop
 
 # name -> class; "none" trains and evaluates the dense model.
-PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop, "platon": Platon}
+PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop, "platon": Platon, "evit": EViT, "tome": ToMe}
 
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start
 # from, and one section of options per pruner (its DEFAULTS).

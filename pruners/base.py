@@ -6,6 +6,7 @@ Structured pruners reach a model through its ``prunable_units()``; token pruners
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,18 +49,35 @@ class Pruner:
         """An extra loss term added to the task loss, or None."""
         return None
 
-    # Epochs of search before compress() (UPop); 0: the pruner acts during ordinary training.
-    search_epochs: int = 0
-    # True once compress() has made the model smaller; the engine then retrains without the pruner.
-    compressed: bool = False
+    # Whether the run's end exports the model as model_compressed.* (a model with other widths or token
+    # reducers, which evaluates without pruner code); pruners that only zero weights leave it False.
+    exports_model: bool = False
+
+    def bypassed(self) -> contextlib.AbstractContextManager:
+        """A context in which the attached model computes what the dense model does (the engine evaluates the
+        starting point in it); masks that start at 1 need nothing, token reducers switch off."""
+        return contextlib.nullcontext()
+
+    def phases(self, cfg: Any) -> list[Any]:
+        """The run as phases (``engine.PhaseSpec``): by default one phase of ``cfg.max_epoch`` epochs in which
+        the pruner acts; UPop searches, compresses, then retrains."""
+        from engine import PhaseSpec
+
+        return [PhaseSpec("train", cfg.max_epoch)]
+
+    def phase_end(self, name: str, model: torch.nn.Module) -> bool:
+        """Called after the last epoch of phase ``name``, before its evaluation; returns True when the model
+        changed structure (the engine then builds a fresh optimizer around it)."""
+        return False
 
     def before_optimizer_step(self, model: torch.nn.Module, grad_scale: float = 1.0) -> None:
         """Called after backward, before the optimizer step (e.g. to read mask gradients); gradients are
         multiplied by ``grad_scale`` (the fp16 loss scale, else 1)."""
 
-    def step(self, model: torch.nn.Module, step: int, total: int) -> None:
+    def step(self, model: torch.nn.Module, step: int, total: int, lr: float = 0.0) -> None:
         """Called after every optimizer step of the phase the pruner acts in, before the gradients are
-        cleared: ``step`` counts from 1 to ``total``, the phase's optimizer steps."""
+        cleared: ``step`` counts from 1 to ``total``, the phase's optimizer steps; ``lr`` is the learning rate
+        that step used (of the first parameter group)."""
 
     def epoch_end(self, epoch: int, engine: Any) -> None:
         """Called after every training epoch, before evaluation."""
@@ -68,10 +86,6 @@ class Pruner:
         """Whether the model has reached the pruner's target (compressed, or at the final sparsity); only
         then can an epoch be the run's best."""
         return True
-
-    def compress(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Turn masks into a smaller dense model or a fixed token schedule."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {}

@@ -554,7 +554,7 @@ class Platon(Pruner):
                 g.mul_(keep)
 
     @torch.no_grad()
-    def step(self, model: nn.Module, step: int, total: int) -> None:
+    def step(self, model: nn.Module, step: int, total: int, lr: float = 0.0) -> None:
         self._sync_device()
         if self.total and total != self.total:
             log.warning("platon: the phase length changed from %d to %d steps", self.total, total)

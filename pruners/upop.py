@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from engine import PhaseSpec
 from models.arch import apply_architecture, architecture, model_units, sync_momentum_towers
 from models.layers import Mlp, Unit
 from pruners.base import Pruner
@@ -218,7 +219,25 @@ class UPop(Pruner):
         for m in self.masks:
             m.grad = None
 
-    def step(self, model: nn.Module, step: int, total: int) -> None:
+    def phases(self, cfg: Any) -> list[PhaseSpec]:
+        """Search at a constant learning rate (evaluated only once compressed), then retrain the smaller model
+        with a fresh optimizer and the config's schedule, without the pruner."""
+        return [
+            PhaseSpec("search", self.search_epochs, lr_schedule="constant", evaluate="end"),
+            PhaseSpec("train", cfg.max_epoch, pruning=False),
+        ]
+
+    def phase_end(self, name: str, model: nn.Module) -> bool:
+        if name != "search":
+            return False
+        self.compress(model)
+        return True
+
+    @property
+    def exports_model(self) -> bool:
+        return self.compressed
+
+    def step(self, model: nn.Module, step: int, total: int, lr: float = 0.0) -> None:
         s = step - 1
         if self.compressed or self.p == 0 or not is_update_step(s, total, int(self.opts["interval"])):
             return

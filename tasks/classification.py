@@ -13,6 +13,7 @@ from data import create_dataset
 from engine import StepInfo
 from models.vit import VisionTransformer, vit_config
 from tasks.common import DATA_DEFAULTS, build_loaders
+from tasks.metrics import wilson_interval
 
 SCHEMA: dict[str, Any] = {
     **DATA_DEFAULTS,
@@ -67,11 +68,18 @@ class ClassificationTask:
         self.smoothing = smoothing
 
     def train_step(self, model, batch, info: StepInfo) -> dict[str, torch.Tensor]:
+        """Label-smoothed cross-entropy of the class logits; the logits (a (class, distillation) pair for a
+        distilled DeiT in training) go back for distillation."""
         images, labels = batch
         device = next(model.parameters()).device
         logits = model(images.to(device, non_blocking=True))
-        loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=self.smoothing)
-        return {"loss": loss}
+        cls = logits[0] if isinstance(logits, tuple) else logits
+        loss = F.cross_entropy(cls.float(), labels.to(device), label_smoothing=self.smoothing)
+        return {"loss": loss, "logits": logits}
+
+    def teacher_logits(self, teacher, batch) -> torch.Tensor:
+        """The frozen teacher's logits for the same images (eval mode: a distilled teacher averages its heads)."""
+        return teacher(batch[0].to(next(teacher.parameters()).device, non_blocking=True))
 
     @torch.no_grad()
     def evaluate(self, model, loader, split: str) -> dict[str, float]:
@@ -85,7 +93,12 @@ class ClassificationTask:
             correct5 += float((top == labels[:, None]).any(dim=1).sum())
             total += labels.numel()
         c1, c5, n = utils.all_reduce_sum([correct1, correct5, total])
-        return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
+        return {
+            "acc1": 100.0 * c1 / max(n, 1),
+            "acc1_ci95": wilson_interval(c1, n),
+            "acc5": 100.0 * c5 / max(n, 1),
+            "n": int(n),
+        }
 
 
 def build_task(config: Mapping, train_loader) -> ClassificationTask:

@@ -48,6 +48,17 @@ _CONTRACTED_FORMS = (
 )  # fmt: skip
 
 
+def wilson_interval(hits: float, n: float, z: float = 1.96) -> list[float]:
+    """The 95 % (``z`` = 1.96) Wilson score interval of an accuracy of ``hits`` out of ``n``, in percent: what a
+    held-out split of this size can tell apart."""
+    if n <= 0:
+        return [0.0, 100.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2)]
+
+
 def _one_apostrophe_dropped(form: str) -> list[str]:
     return [form[:i] + form[i + 1 :] for i, ch in enumerate(form) if ch == "'"]
 

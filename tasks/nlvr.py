@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import utils
 from data import create_dataset
@@ -14,6 +15,7 @@ from data.synthetic import NLVR_FAMILIES, nlvr_family
 from models.blip import BLIP_DEFAULTS
 from models.blip_nlvr import BlipNLVR
 from tasks.common import DATA_DEFAULTS, blip_loader, build_loaders, model_device
+from tasks.metrics import wilson_interval
 
 SCHEMA: dict[str, Any] = {
     **DATA_DEFAULTS,
@@ -43,9 +45,9 @@ def build_data(config: dict, dist: utils.DistInfo):
     )
 
 
-def _run(model, batch, targets: bool = True):
+def _run(model, batch):
     """The model on a plain batch (images stacked [image0; image1]) or an NLVRPairBatch (``pairs`` passed on).
-    Returns (loss or logits, targets on the CPU, sentences)."""
+    Returns (logits, targets on the CPU, sentences)."""
     device = model_device(model)
     if isinstance(batch, NLVRPairBatch):
         images, pairs, text, labels = batch
@@ -53,9 +55,7 @@ def _run(model, batch, targets: bool = True):
     else:
         image0, image1, text, labels = batch
         images, text, extra = torch.cat([image0, image1]), list(text), {}
-    images = images.to(device, non_blocking=True)
-    out = model(images, text, labels.to(device), **extra) if targets else model(images, text, **extra)
-    return out, labels, text
+    return model(images.to(device, non_blocking=True), text, **extra), labels, text
 
 
 def build_model(config: Mapping) -> BlipNLVR:
@@ -67,7 +67,12 @@ class NLVRTask:
     main_metric = "acc"
 
     def train_step(self, model, batch, info) -> dict[str, torch.Tensor]:
-        return {"loss": _run(model, batch)[0]}
+        logits, labels, _ = _run(model, batch)
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return {"loss": loss, "logits": logits}
+
+    def teacher_logits(self, teacher, batch) -> torch.Tensor:
+        return _run(teacher, batch)[0]
 
     @torch.no_grad()
     def evaluate(self, model, loader, split: str) -> dict[str, float]:
@@ -76,7 +81,7 @@ class NLVRTask:
         correct = total = 0.0
         family_hits = {f: [0.0, 0.0] for f in NLVR_FAMILIES}  # family -> [correct, total]
         for batch in utils.progress(loader, desc=f"eval {split}"):
-            logits, targets, text = _run(model, batch, targets=False)
+            logits, targets, text = _run(model, batch)
             hits = (logits.argmax(1).cpu() == targets).tolist()
             correct += sum(hits)
             total += len(hits)
@@ -87,7 +92,7 @@ class NLVRTask:
                     family_hits[family][1] += 1
         sums = utils.all_reduce_sum([correct, total, *(x for pair in family_hits.values() for x in pair)])
         c, n = sums[:2]
-        out: dict[str, Any] = {"acc": 100.0 * c / max(n, 1), "n": int(n)}
+        out: dict[str, Any] = {"acc": 100.0 * c / max(n, 1), "acc_ci95": wilson_interval(c, n), "n": int(n)}
         per_family = dict(zip(NLVR_FAMILIES, zip(sums[2::2], sums[3::2])))
         if n and sum(fn for _, fn in per_family.values()) == n:
             out["by_statement"] = {f: 100.0 * fc / fn for f, (fc, fn) in per_family.items() if fn}

@@ -11,6 +11,7 @@ import utils
 from data import create_dataset
 from models.blip import BLIP_DEFAULTS
 from models.blip_retrieval import BlipRetrieval
+from models.token_ops import pad_tokens
 from tasks.common import DATA_DEFAULTS, blip_loader, build_loaders, model_device
 from tasks.metrics import retrieval_metrics
 
@@ -87,12 +88,15 @@ def score_matrices(
     text_ids, text_masks, text_feats = torch.cat(ids), torch.cat(masks), torch.cat(text_feats)
     text_ids[:, 0] = model.tokenizer.enc_token_id
 
-    image_embeds, image_feats = [], []
+    image_embeds, image_atts, image_feats = [], [], []
     for image, _ in utils.progress(loader, desc="encode images"):
-        embeds, feat = model.image_features(image.to(device))
+        embeds, atts, feat = model.image_features(image.to(device))
         image_embeds.append(embeds)
+        image_atts.append(atts)
         image_feats.append(feat)
-    image_embeds, image_feats = torch.cat(image_embeds), torch.cat(image_feats)
+    # Token-reduced batches may differ in length: padded with zeros that the mask hides, never with copies.
+    image_embeds, image_atts = pad_tokens(image_embeds, image_atts)
+    image_feats = torch.cat(image_feats)
 
     sims = image_feats @ text_feats.t()
     n_img, n_txt = sims.shape
@@ -104,8 +108,8 @@ def score_matrices(
     step = n_img // world + 1
     for i in utils.progress(range(rank * step, min(n_img, (rank + 1) * step)), desc="rerank i2t"):
         top_sim, top_idx = sims[i].topk(k_i2t)
-        enc = image_embeds[i : i + 1].expand(k_i2t, -1, -1)
-        logits = model.itm_logits(text_ids[top_idx], text_masks[top_idx], enc)
+        enc, enc_atts = image_embeds[i : i + 1].expand(k_i2t, -1, -1), image_atts[i : i + 1].expand(k_i2t, -1)
+        logits = model.itm_logits(text_ids[top_idx], text_masks[top_idx], enc, enc_atts)
         i2t[i, top_idx] = logits[:, 1].float() + top_sim
 
     sims_t = sims.t()
@@ -113,7 +117,10 @@ def score_matrices(
     for j in utils.progress(range(rank * step, min(n_txt, (rank + 1) * step)), desc="rerank t2i"):
         top_sim, top_idx = sims_t[j].topk(k_t2i)
         logits = model.itm_logits(
-            text_ids[j : j + 1].expand(k_t2i, -1), text_masks[j : j + 1].expand(k_t2i, -1), image_embeds[top_idx]
+            text_ids[j : j + 1].expand(k_t2i, -1),
+            text_masks[j : j + 1].expand(k_t2i, -1),
+            image_embeds[top_idx],
+            image_atts[top_idx],
         )
         t2i[j, top_idx] = logits[:, 1].float() + top_sim
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import inputs
 from benchmarks.flops import count
 from benchmarks.measure import average_cost, compare, count_params, main, markdown, model_cost
 from benchmarks.memory import TensorBytes
 from benchmarks.plot import plot_runs, read_run
 from benchmarks.presets import BERT_VOCAB_SIZE, bert_layout_vocab, build_preset, uniform_slice
 from data.synthetic import ensure_world
+from models import blip_probes as inputs
 from models.blip_caption import BlipCaption
 from models.blip_nlvr import BlipNLVR
 from models.blip_retrieval import BlipRetrieval
@@ -93,7 +93,7 @@ def test_tiny_vit_counts_match_hand_formulas(widths):
         params += 4 * D + (3 * inner * D + 3 * inner) + (inner * D + D) + (m * D + m) + (m * D + D)
     layer_norms = (2 * L + 1) * 5 * N * D
 
-    cost = model_cost(model, "classification")
+    cost = model_cost(model)
     assert cost["params"] == params
     assert cost["macs"] == matmuls + layer_norms
     assert cost["flops"] == 2 * matmuls
@@ -116,23 +116,23 @@ def test_sdpa_formula_counts_what_explicit_attention_counts():
     assert sdpa.flops == probs.flops and sdpa.macs == probs.macs
 
 
-def _probs_hook(x, info):
-    return x, info
+class _ProbsHook:
+    point = "post_attn"
+    needs = frozenset({"probs"})
 
-
-_probs_hook.needs_attn_probs = True
-_probs_hook.needs_cross_attn_probs = True
+    def __call__(self, x, state, ctx):
+        return x, state
 
 
 def test_sdpa_and_explicit_attention_agree_on_a_blip_model(tiny_cfg):
     """Every attention of a BLIP NLVR model (ViT, text self-attention, twin cross-attention) on the
     fused kernel counts what the explicit matmul + softmax path counts."""
     model = BlipNLVR(tiny_cfg, SIZE).eval()
-    fused = model_cost(model, "nlvr")
+    fused = model_cost(model)
     blocks = [*model.visual_encoder.blocks, *model.text_encoder.layers]
     for block in blocks:
-        block.token_hook = _probs_hook
-    explicit = model_cost(model, "nlvr")
+        block.token_hooks.append(_ProbsHook())
+    explicit = model_cost(model)
     assert fused["flops"] == explicit["flops"] and fused["macs"] == explicit["macs"]
 
 
@@ -149,7 +149,7 @@ def test_meta_counts_equal_cpu_counts(tiny_cfg, task):
     cpu = TINY_BUILDERS[task](tiny_cfg)
     with torch.device("meta"):
         meta = TINY_BUILDERS[task](tiny_cfg)
-    on_cpu, on_meta = model_cost(cpu, task), model_cost(meta, task)
+    on_cpu, on_meta = model_cost(cpu), model_cost(meta)
     assert on_cpu["flops"] > 0 and on_cpu["macs"] > 0
     assert (on_cpu["flops"], on_cpu["macs"], on_cpu["params"]) == (on_meta["flops"], on_meta["macs"], on_meta["params"])
 
@@ -160,7 +160,7 @@ def test_counting_a_training_step_leaves_the_model_as_it_was(tiny_cfg):
         for p in model.visual_encoder_m.parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cost = model_cost(model, "retrieval")
+    cost = model_cost(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training  # the training flag is put back
@@ -182,7 +182,7 @@ PUBLISHED_GMACS = {  # UPop tables: fvcore "GFLOPs" of the dense models
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_GMACS))
 def test_real_size_counts_match_the_published_totals(preset, vocab):
     task, _, model = build_preset(preset, "meta", tokenizer=vocab)
-    cost = model_cost(model, task)
+    cost = model_cost(model)
     published = PUBLISHED_GMACS[preset]
     assert abs(cost["macs"] / 1e9 - published) / published < 0.02, (preset, cost["macs"] / 1e9)
     if preset == "blip-retrieval":  # the published size counts the momentum towers
@@ -206,28 +206,28 @@ def test_stand_in_vocabulary_has_bert_layout_and_lengths(vocab):
 
 def test_eval_batch_average_equals_the_dummy_count_for_same_shaped_inputs(tiny_cfg):
     nlvr = BlipNLVR(tiny_cfg, SIZE).eval()
-    dummy = model_cost(nlvr, "nlvr")
+    dummy = model_cost(nlvr)
     img = torch.randn(3, 3, SIZE, SIZE)
     same = [(img, img, [inputs.NLVR_SENTENCE] * 3, torch.zeros(3)), (img[:1], img[:1], [inputs.NLVR_SENTENCE], None)]
-    avg = average_cost(nlvr, "nlvr", same)
+    avg = average_cost(nlvr, same)
     assert avg["samples"] == 4 and avg["batches"] == 2
     assert avg["flops"] == dummy["flops"] and avg["macs"] == dummy["macs"]
-    shorter = average_cost(nlvr, "nlvr", [(img, img, ["a b"] * 3, None)])
+    shorter = average_cost(nlvr, [(img, img, ["a b"] * 3, None)])
     assert shorter["macs"] < dummy["macs"]  # the batch's own text is what is counted
     # Statements batched by image pair are counted as BLIP runs them, each with its two images.
     from data.nlvr import NLVRPairBatch
 
     pairs = NLVRPairBatch(img[:2], torch.tensor([[0, 1], [1, 0], [0, 1]]), [inputs.NLVR_SENTENCE] * 3, torch.zeros(3))
-    grouped = average_cost(nlvr, "nlvr", [pairs])
+    grouped = average_cost(nlvr, [pairs])
     assert grouped["samples"] == 3 and grouped["macs"] == dummy["macs"]
 
     caption = BlipCaption(tiny_cfg, SIZE).eval()
-    avg = average_cost(caption, "caption", [(torch.randn(2, 3, SIZE, SIZE), torch.arange(2))] * 3, max_batches=2)
-    assert avg["batches"] == 2 and avg["macs"] == model_cost(caption, "caption")["macs"]
+    avg = average_cost(caption, [(torch.randn(2, 3, SIZE, SIZE), torch.arange(2))] * 3, max_batches=2)
+    assert avg["batches"] == 2 and avg["macs"] == model_cost(caption)["macs"]
 
     vit = tiny_vit()
-    avg = average_cost(vit, "classification", [(torch.randn(4, 3, SIZE, SIZE), torch.zeros(4))])
-    assert avg["flops"] == model_cost(vit, "classification")["flops"]
+    avg = average_cost(vit, [(torch.randn(4, 3, SIZE, SIZE), torch.zeros(4))])
+    assert avg["flops"] == model_cost(vit)["flops"]
 
 
 # --------------------------------------------------------------------------------------- slicing
@@ -240,7 +240,7 @@ def test_uniform_slice_halves_every_width_and_keeps_momentum_towers_matched(tiny
     assert widths["head_dims"] == [8, 8] and widths["mlp_hidden"] == [64, 64]
     assert small.text_encoder.block_widths() == small.text_encoder_m.block_widths()
     assert small.text_encoder.block_widths()["cross_head_dims"] == [8, 8]
-    dense, sliced = model_cost(model, "retrieval"), model_cost(small, "retrieval")
+    dense, sliced = model_cost(model), model_cost(small)
     assert sliced["params"] < dense["params"] and sliced["macs"] < dense["macs"]
     with pytest.raises(ValueError, match="keep must be in"):
         uniform_slice(model, 0.0)

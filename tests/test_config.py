@@ -126,8 +126,8 @@ def test_pruner_section_sets_epochs_and_starting_model(argv, max_epoch, pretrain
     import cli
     import compress_nlvr
 
-    args = cli.build_parser(compress_nlvr.SPEC).parse_args(argv)
-    cfg = cli.resolve_config(compress_nlvr.SPEC, args)
+    args = cli.build_parser(compress_nlvr.TASK).parse_args(argv)
+    cfg = cli.resolve_config(compress_nlvr.TASK, args)
     assert cfg["max_epoch"] == max_epoch
     assert str(cfg["pretrained"]).endswith(pretrained)
 
@@ -145,4 +145,4 @@ def test_a_pruning_run_never_defaults_to_the_dense_runs_folder(argv, expected):
     import cli
     import compress_nlvr
 
-    assert cli.default_output_dir(compress_nlvr.SPEC, cli.build_parser(compress_nlvr.SPEC).parse_args(argv)) == expected
+    assert cli.default_output_dir(compress_nlvr.TASK, cli.build_parser(compress_nlvr.TASK).parse_args(argv)) == expected

@@ -17,25 +17,27 @@ from test_runs import args_for
 import cli
 import compress_classification
 import compress_nlvr
+import tasks.classification
 import utils
 from data import create_dataset
 from engine import CHECKPOINT_LAST, Engine, EngineConfig, NonFiniteLossError
 from models.arch import architecture, fit_to_checkpoint, read_weights, save_compressed
 from models.checkpoints import load_blip_checkpoint
 from pruners.base import Pruner
+from tasks import registry
 
 world = test_runs.world  # the tiny synthetic world fixture
-SPEC = compress_classification.SPEC
+TASK = compress_classification.TASK
 
 
-def main(*argv, spec=SPEC):
-    return cli.main(spec, [str(a) for a in argv])
+def main(*argv, task=TASK):
+    return cli.main(task, argv=[str(a) for a in argv])
 
 
-def refused(*argv, spec=SPEC) -> str:
+def refused(*argv, task=TASK) -> str:
     """The message of a run that must stop with an error."""
     with pytest.raises(SystemExit) as e:
-        main(*argv, spec=spec)
+        main(*argv, task=task)
     assert e.value.code not in (0, None)
     return str(e.value.code)
 
@@ -160,14 +162,14 @@ def test_evaluating_a_checkpoint_without_the_task_head_is_refused(tmp_path):
 def test_the_nlvr_entry_script_refuses_to_evaluate_the_headless_demo_checkpoint(world, tmp_path):
     small_world = ["--set", f"world.dir={world}", "--set", "world.n=96", "--set", "world.image_size=32"]
     with pytest.raises(utils.CheckpointError, match="lacks 4 of the model's weights.*cls_head"):
-        main("--demo", "--evaluate", "--output_dir", tmp_path / "o", *small_world, spec=compress_nlvr.SPEC)
+        main("--demo", "--evaluate", "--output_dir", tmp_path / "o", *small_world, task=compress_nlvr.TASK)
 
 
 # ------------------------------------------------------------------------------------------ 5, 6, 7, 9: options
 
 
-def _config(*argv, spec=SPEC):
-    return cli.resolve_config(spec, cli.build_parser(spec).parse_args([str(a) for a in argv]))
+def _config(*argv, task=TASK):
+    return cli.resolve_config(task, cli.build_parser(task).parse_args([str(a) for a in argv]))
 
 
 def test_p_means_the_pruned_fraction_for_platon_and_must_agree_with_final_threshold():
@@ -201,16 +203,18 @@ def test_bad_options_stop_before_anything_is_built(world, tmp_path, monkeypatch,
     def untouchable(*args, **kwargs):
         raise AssertionError("data or model built before the options were checked")
 
-    spec = cli.TaskSpec(**{**vars(SPEC), "build_data": untouchable, "build_model": untouchable})
+    monkeypatch.setattr(tasks.classification, "build_data", untouchable)
+    monkeypatch.setattr(tasks.classification, "build_model", untouchable)
     out = tmp_path / "o"
-    message = refused(*args_for(world, out), *argv, spec=spec)
+    message = refused(*args_for(world, out), *argv)
     assert words in message
     assert not out.exists()  # no folder, no log: nothing happened
 
 
 def test_a_config_file_with_zero_epochs_is_refused_naming_the_key_and_file(world, tmp_path):
     cfg = tmp_path / "zero.yaml"
-    cfg.write_text((cli.REPO / SPEC.demo_config).read_text().replace("max_epoch: 30", "max_epoch: 0"))
+    demo = cli.REPO / registry.lookup(TASK).demo_config
+    cfg.write_text(demo.read_text().replace("max_epoch: 30", "max_epoch: 0"))
     argv = [a for a in args_for(world, tmp_path / "o") if a != "--demo"]
     argv = argv[: argv.index("--epoch")] + argv[argv.index("--epoch") + 2 :]
     message = refused("--demo", "--config", cfg, *argv)

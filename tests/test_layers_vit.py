@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from models import layers
 from models.layers import Attention, Block, KVCache, Mlp, attention, module_units
+from models.token_state import TokenState
 from models.vit import VisionTransformer, prunable_units, resample_pos_embed, vit_config
 
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
@@ -289,10 +290,12 @@ def test_masks_are_slots_not_parameters():
     attn = model.blocks[0].attn
     attn.head_dim_mask = alpha
     model.blocks[0].mlp.neuron_mask = nn.Parameter(torch.ones(128))
-    model.blocks[0].token_hook = nn.Linear(3, 3)
+    hook = nn.Linear(3, 3)  # a hook with weights of its own is never registered by the block
+    hook.point, hook.needs = "post_attn", frozenset()
+    model.blocks[0].token_hooks.append(hook)
     assert set(model.state_dict()) == keys
     assert len(list(model.parameters())) == n_params
-    model.blocks[0].token_hook = None
+    model.blocks[0].token_hooks.clear()
     model(_images()).square().sum().backward()
     assert alpha.grad is not None and alpha.grad.abs().sum() > 0
 
@@ -414,31 +417,35 @@ def test_grad_checkpointing_is_numerically_a_no_op(monkeypatch):
 class _KeepFirst:
     """Token pruner stand-in: keeps the first ``n`` tokens, records what it was given."""
 
-    def __init__(self, n: int, needs_attn_probs: bool) -> None:
+    point = "post_attn"
+
+    def __init__(self, n: int, needs_probs: bool) -> None:
         self.n = n
-        self.needs_attn_probs = needs_attn_probs
+        self.needs = frozenset({"probs"} if needs_probs else ())
         self.seen: list[dict] = []
 
-    def __call__(self, x, info):
-        self.seen.append({"block": info["block"], "tokens": x.shape[1], "probs": info.get("attn_probs")})
-        return x[:, : self.n], {**info, "kept": self.n}
+    def __call__(self, x, state, ctx):
+        self.seen.append({"block": ctx.block, "tokens": x.shape[1], "probs": ctx.probs})
+        n = min(self.n, x.shape[1])
+        state.scratch["kept"] = n
+        return x[:, :n], state.select(torch.arange(n).expand(x.shape[0], -1))
 
 
 def test_token_hook_drops_tokens_and_receives_probs():
     model = _tiny_vit()
-    first, second = _KeepFirst(9, needs_attn_probs=True), _KeepFirst(5, needs_attn_probs=False)
-    model.blocks[0].token_hook = first
-    model.blocks[1].token_hook = second
+    first, second = _KeepFirst(9, needs_probs=True), _KeepFirst(5, needs_probs=False)
+    model.blocks[0].token_hooks.append(first)
+    model.blocks[1].token_hooks.append(second)
     x = _images()
-    info: dict = {}
     with torch.no_grad():
-        out = model.forward_features(x, info=info, record_attn=[0])
+        out, state = model.forward_tokens(x, record_attn=[0])
     assert out.shape == (2, 5, 32)
     assert first.seen[0]["block"] == 0 and first.seen[0]["tokens"] == 17
     assert second.seen[0]["block"] == 1 and second.seen[0]["tokens"] == 9
     assert second.seen[0]["probs"] is None
-    assert info["kept"] == 5 and "attn_probs" not in info
-    assert list(info["attn_maps"]) == [0] and info["attn_maps"][0] is first.seen[0]["probs"]
+    assert state.scratch["kept"] == 5 and state.positions.tolist() == [list(range(5))] * 2
+    assert state.counts == {0: (17, 17, 9), 1: (9, 9, 5)}  # into attention, after self-attention, into the MLP
+    assert list(state.maps) == [0] and state.maps[0] is first.seen[0]["probs"]
 
     # the probabilities handed to the hook are block 0's softmax(q k^T / sqrt(d))
     with torch.no_grad():
@@ -449,18 +456,18 @@ def test_token_hook_drops_tokens_and_receives_probs():
     assert_close(first.seen[0]["probs"], expected, **TOL)
 
     # a block alone accepts any token count
-    assert model.blocks[1](torch.randn(2, 3, 32)).shape == (2, 3, 32)
+    assert model.blocks[1](torch.randn(2, 3, 32))[0].shape == (2, 3, 32)
 
 
 def test_proportional_attention_weights_merged_tokens_by_size():
     block = _randomize(Block(16, 4)).eval()
     x = torch.randn(1, 3, 16)
     duplicated = torch.cat([x, x[:, 1:2]], dim=1)  # token 1 present twice
-    size = torch.tensor([[[1.0], [2.0], [1.0]]])
+    size = torch.tensor([[1.0, 2.0, 1.0]])
     with torch.no_grad():
-        merged = block(x, {"size": size, "prop_attn": True})
-        reference = block(duplicated)
-        off = block(x, {"size": size, "prop_attn": False})
+        merged = block(x, TokenState(size=size, prop_attn=True))[0]
+        reference = block(duplicated)[0]
+        off = block(x, TokenState(size=size, prop_attn=False))[0]
     assert_close(merged, reference[:, :3], **TOL)
     assert not torch.allclose(off, reference[:, :3], atol=1e-4)
 

@@ -781,21 +781,21 @@ def test_token_hook_can_drop_padding_tokens_without_changing_the_rest():
     enc = _states()
     seen = []
 
-    def drop_last(x, info):
-        seen.append((info["block"], tuple(info["attn_probs"].shape), tuple(info["cross_attn_probs"].shape)))
-        info["attn_mask"] = info["attn_mask"][..., :-1]
-        return x[:, :-1], info
+    class DropLast:
+        point = "post_attn"
+        needs = frozenset({"probs"})
 
-    drop_last.needs_attn_probs = True
-    drop_last.needs_cross_attn_probs = True
+        def __call__(self, x, state, ctx):
+            seen.append((ctx.block, tuple(ctx.probs.shape), tuple(ctx.cross_probs.shape)))
+            return x[:, :-1], state.select(torch.arange(x.shape[1] - 1).expand(x.shape[0], -1))
+
     with torch.no_grad():
         full = model(ids, mask, enc)
-        model.layers[0].token_hook = drop_last
-        info = {}
-        pruned = model(ids, mask, enc, info=info, record_attn=[1])
+        model.layers[0].token_hooks.append(DropLast())
+        pruned, state = model.encode(ids, mask, enc, record_attn=[1])
     assert seen == [(0, (2, HEADS, 6, 6), (2, HEADS, 6, 5))]
-    assert "attn_probs" not in info and info["attn_maps"][1].shape == (2, HEADS, 5, 5)
-    assert info["cross_attn_maps"][1].shape == (2, HEADS, 5, 5)
+    assert state.maps[1].shape == (2, HEADS, 5, 5) and state.cross_maps[1].shape == (2, HEADS, 5, 5)
+    assert state.padding_mask(pruned).tolist() == [[1] * 5] * 2
     assert pruned.shape == (2, 5, HIDDEN)
     assert_close(pruned, full[:, :-1], **TOL)
 

@@ -59,7 +59,7 @@ def outputs(task, model):
         states, q_mask = model.encode_question(img, TEXTS)
         a = tokenize(tok, ["red", "two"], img.device, first=tok.bos_token_id, padding="longest")
         return [states, model.text_decoder(a.input_ids, a.attention_mask, states, q_mask).logits]
-    embeds, image_feat = model.image_features(img)
+    embeds, _, image_feat = model.image_features(img)
     t = model.text_inputs(TEXTS, img.device)
     ids = t.input_ids.clone()
     ids[:, 0] = tok.enc_token_id

@@ -23,3 +23,6 @@ $PY scripts/export_weights.py output/demo/nlvr/checkpoint_best.pth checkpoints/d
 $PY compute_id.py --demo --task nlvr --cpu --estimator textbook -n 1000 --pretrained checkpoints/demo/blip_tiny_nlvr.pth \
     --output output/demo/id/nlvr
 cp output/demo/id/nlvr/ids.json checkpoints/demo/blip_tiny_nlvr_ids.json
+# The dense demo classifier: the starting point and the teacher of the ToMe demo (configs/demo/classification_tome.yaml).
+$PY compress_classification.py --demo --output_dir output/demo/classification --overwrite
+$PY scripts/export_weights.py output/demo/classification/checkpoint_best.pth checkpoints/demo/vit_tiny_classifier.pth --half

@@ -1,0 +1,118 @@
+"""Does a compressed model run as much faster as its FLOPs say? Dense against compressed at real size.
+
+Builds a task model at its real size with random weights (a preset of ``benchmarks.presets``), compresses a copy
+with one method (no data or training is needed: costs do not depend on the weights), and times both in
+alternation on the chosen device:
+
+* ``upop``: UPop's architecture at ratio ``--p`` with the magnitude ranking at the final step, sliced;
+* ``evit``: EViT reducers at ``--locations`` (default 3, 6, 9) with ``--keep-rate``, or the keep rate that
+  removes ``--p`` of the FLOPs;
+* ``tome``: ToMe reducers merging ``--r`` tokens in every block (or a constant r solved from ``--p``).
+
+The check: the measured speed-up (latency at batch 1, and throughput at ``--batch``) is at least
+``--min-fraction`` of the FLOPs reduction.
+
+    python -m benchmarks.speed upop --preset blip-nlvr --p 0.5 --device cpu
+    python -m benchmarks.speed evit --preset blip-nlvr --p 0.5 --device cpu
+    python -m benchmarks.speed tome --preset deit-small --r 13 --device cpu --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.measure import compare, markdown
+from benchmarks.presets import PRESETS, build_preset
+
+__all__ = ["compressed_copy", "main"]
+
+
+def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """A copy of ``model`` compressed by ``method`` with the settings in ``args``, and a line saying how."""
+    from pruners.evit import EViT
+    from pruners.tome import ToMe
+    from pruners.upop import UPop
+
+    small = copy.deepcopy(model)
+    if method == "upop":
+        pruner = UPop({"p": args.p, "upop": {"importance": "magnitude", "round_to": args.round_to, "attn_cost": 36}})
+        pruner.attach(small)
+        pruner.update(args.p)
+        pruner.compress(small)
+        how = f"UPop p={args.p}, magnitude ranking, round_to {args.round_to}"
+    elif method == "evit":
+        options = {"locations": args.locations, "keep_rate": None if args.p is not None else args.keep_rate}
+        pruner = EViT({"p": args.p, "evit": options})
+        pruner.attach(small)
+        how = f"EViT keep rate {pruner.target} at blocks {args.locations}"
+    else:
+        pruner = ToMe({"p": args.p, "tome": {"r": None if args.p is not None else args.r, "prop_attn": True}})
+        pruner.attach(small)
+        how = f"ToMe r={pruner.r} in every block"
+    return small.eval(), how
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("method", choices=("upop", "evit", "tome"), help="the compression method")
+    ap.add_argument("--preset", default="blip-nlvr", choices=sorted(PRESETS), help="real-size model (random weights)")
+    ap.add_argument("--p", type=float, default=None, help="upop: mask budget share; evit / tome: FLOPs share to remove")
+    ap.add_argument("--round-to", type=int, default=1, help="upop: round kept widths up to a multiple of this")
+    ap.add_argument("--keep-rate", type=float, default=0.7, help="evit: kept share of tokens at each location")
+    ap.add_argument("--locations", type=int, nargs="+", default=[3, 6, 9], help="evit: blocks that reduce")
+    ap.add_argument("--r", type=int, default=8, help="tome: tokens merged per block")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--batch", type=int, default=1, help="throughput batch (1: latency only)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per model")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per model (the median is reported)")
+    ap.add_argument("--min-fraction", type=float, default=0.85, help="required speed-up / FLOPs reduction")
+    ap.add_argument("--out", default=None, help="folder for speed_<method>.json and .md")
+    args = ap.parse_args(argv)
+    if args.method == "upop" and args.p is None:
+        args.p = 0.5
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    task, _, dense = build_preset(args.preset, device=args.device)
+    small, how = compressed_copy(dense, args.method, args)
+    label = args.method
+    report = compare(
+        {"dense": dense, label: small},
+        task,
+        batch_size=args.batch,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        sources={"dense": f"preset {args.preset}", label: how},
+        log=print,
+    )
+    ratio = report["ratio"]
+    flops_reduction = 1 / ratio["flops"]
+    speedups = {"latency (batch 1)": 1 / ratio["latency_ms"], f"throughput (batch {args.batch})": ratio["throughput"]}
+    report["check"] = {
+        "flops_reduction": flops_reduction,
+        "speedups": speedups,
+        "fractions": {k: v / flops_reduction for k, v in speedups.items()},
+        "required": args.min_fraction,
+        "passed": all(v >= args.min_fraction * flops_reduction for v in speedups.values()),
+    }
+    text = markdown(report) + f"\n{how}: FLOPs reduction x{flops_reduction:.3f}; "
+    text += "; ".join(f"{k} speed-up x{v:.3f} ({v / flops_reduction:.2f} of it)" for k, v in speedups.items())
+    text += f" (required {args.min_fraction}) -> {'PASS' if report['check']['passed'] else 'FAIL'}\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"speed_{label}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (out / f"speed_{label}.md").write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
