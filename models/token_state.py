@@ -36,6 +36,7 @@ __all__ = [
     "HookContext",
     "TokenHook",
     "TokenState",
+    "check_hooks",
     "extended_attention_mask",
     "hooks_need",
     "run_hooks",
@@ -224,7 +225,10 @@ def hooks_need(hooks: Sequence[TokenHook], what: str, points: Iterable[str] = PO
 def run_hooks(
     hooks: Sequence[TokenHook], point: str, x: Tensor, state: TokenState, ctx: HookContext
 ) -> tuple[Tensor, TokenState]:
-    """Run the hooks registered at ``point``, in order, and check that each returns a consistent state."""
+    """Run the hooks registered at ``point``, in order, and check that each returns a consistent state (the first
+    point of a block also checks that every hook names a known point and asks only for what blocks give)."""
+    if point == POINTS[0]:
+        check_hooks(hooks, f"block {ctx.block}: ")
     for hook in hooks:
         if hook.point != point:
             continue

@@ -263,3 +263,20 @@ def test_reducers_round_trip_through_their_specs():
         build_reducer({"kind": "fancy"})
     with pytest.raises(ValueError, match="not blocks of the model"):
         attach_reducers(other, {"blocks.9": []}, "x.json")
+
+
+def test_a_hook_at_an_unknown_point_or_asking_for_the_unknown_is_refused():
+    vit = VisionTransformer(img_size=32, num_classes=0, **TINY)
+
+    class Hook:
+        point, needs = "after_mlp", frozenset()
+
+        def __call__(self, x, state, ctx):
+            return x, state
+
+    vit.blocks[0].token_hooks.append(Hook())
+    with pytest.raises(ValueError, match="block 0: token hook .* has point 'after_mlp'"):
+        vit(_images())
+    vit.blocks[0].token_hooks[0].point, vit.blocks[0].token_hooks[0].needs = "post_attn", frozenset({"values"})
+    with pytest.raises(ValueError, match=r"needs \['values'\]"):
+        vit(_images())
