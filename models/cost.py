@@ -210,7 +210,7 @@ def _schedule(
 
 
 def _reducer_macs(block: nn.Module, t_in: int, t_mid: int, head_dim: int) -> Cost:
-    """What a block's reducers compute themselves (ToMe's similarity matmul), on the tokens they see."""
+    """What a block's reducers compute themselves (ToMe's similarity matmul) per sample, on the tokens they see."""
     total = 0
     for hook in _hooks(block):
         macs = getattr(hook, "macs", None)
@@ -242,7 +242,7 @@ def vit_cost(
         if not hasattr(block, "attn"):  # a skipped block
             continue
         a = block.attn
-        extra = _reducer_macs(block, t_in, t_mid, a.head_dim)
+        extra = _reducer_macs(block, t_in, t_mid, a.head_dim).scaled(batch)
         cost = cost + vit_block_cost(
             batch, a.dim, a.num_heads, a.head_dim, block.mlp.hidden, t_in, t_out, a.inner_dim, extra, a.value_inner_dim
         )
@@ -302,7 +302,7 @@ def bert_cost(
             merge,
             sa.value_inner_dim,
         )
-        cost = cost + layer_cost + _reducer_macs(layer, t_self, t_mid, sa.head_dim)
+        cost = cost + layer_cost + _reducer_macs(layer, t_self, t_mid, sa.head_dim).scaled(batch)
     return cost, schedule[-1][2] if schedule else tokens
 
 

@@ -78,8 +78,8 @@ def test_evit_on_text_tokens_costs_what_is_traced(presets):
 
 
 @pytest.mark.parametrize("r", [8, 13, [16] * 4])
-def test_tome_schedules_on_deit_and_blip_retrieval_cost_what_is_traced(presets, r):
-    for name in ("deit-small", "blip-retrieval"):
+def test_tome_schedules_on_deit_and_blip_cost_what_is_traced(presets, r):
+    for name in ("deit-small", "blip-retrieval", "blip-nlvr"):  # NLVR2's seed runs two images: ToMe per sample
         model = copy.deepcopy(presets[name])
         vits = [m for m in model.modules() if hasattr(m, "blocks") and hasattr(m, "patch_embed")]
         for vit in vits:  # the momentum tower of retrieval too

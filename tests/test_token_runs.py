@@ -50,6 +50,18 @@ def test_tokens_dropped_in_training_and_evaluation_and_the_checkpoint_evaluates_
     assert again["flops"] == pytest.approx(res["flops"])
 
 
+@pytest.mark.slow
+def test_tome_on_the_blip_vit_trains_and_its_export_evaluates_alone(setup, tmp_path):
+    out = tmp_path / "tome"
+    extra = ["--pruner", "tome", "--r", "4", "--set", "pruner_pretrained="]
+    res = cli.main("nlvr", argv=[str(a) for a in tiny_args(setup, out, "nlvr")] + extra)
+    assert res["pruner_report"]["image_tokens"] == [13]  # 17 tokens, 4 merged in the one block
+    assert res["flops"] < res["dense"]["flops"] and res["flops_analytic"] == pytest.approx(res["flops"])
+    ev = tmp_path / "eval"
+    argv = [str(a) for a in tiny_args(setup, ev, "nlvr")] + ["--evaluate", "--pretrained", res["compressed_checkpoint"]]
+    assert cli.main("nlvr", argv=argv)["metrics"] == res["metrics"]
+
+
 def test_vqa_answer_decoder_reads_the_pruned_question(tmp_path):
     cfg = tiny_blip.tiny_config(tmp_path)
     model = tiny_blip.build("vqa", cfg).eval()
