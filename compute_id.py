@@ -77,9 +77,30 @@ ADAPTERS: dict[str, Adapter] = {
     "classification": Adapter(lambda b: b[0].shape[0], lambda m, b, d: m(b[0].to(d))),
 }
 
-# Tasks whose training forward compute_id knows (ADAPTERS); their modules, configs and datasets come from the
-# (task, backbone) table of tasks/registry.py.
-TASKS = tuple(task for task in registry.tasks() if task in ADAPTERS)
+
+def _embed_pairs(model: nn.Module, batch: Sequence[Any], device: torch.device) -> Any:
+    """(image, caption, image index): both towers embed their half (CLIP has no cross-modal module to feed)."""
+    text = model.text_inputs(list(batch[1]), device)
+    return model.image_features(batch[0].to(device)), model.text_features(text.input_ids, text.attention_mask)
+
+
+# Per (task, backbone) where a task's backbones differ in what they are fed.
+BACKBONE_ADAPTERS: dict[tuple[str, str], Adapter] = {("retrieval", "clip"): Adapter(lambda b: len(b[1]), _embed_pairs)}
+
+# Tasks whose training forward compute_id knows (ADAPTERS, BACKBONE_ADAPTERS); their modules, configs and datasets come
+# from the (task, backbone) table of tasks/registry.py.
+TASKS = tuple(task for task in registry.tasks() if task in ADAPTERS or any(k[0] == task for k in BACKBONE_ADAPTERS))
+
+
+def adapter_for(entry: registry.Entry) -> Adapter:
+    """The adapter of ``entry``'s (task, backbone), else of its task; an error names what exists."""
+    found = BACKBONE_ADAPTERS.get((entry.task, entry.backbone)) or (
+        ADAPTERS.get(entry.task) if not any(k[0] == entry.task for k in BACKBONE_ADAPTERS) else None
+    )
+    if found is None:
+        known = sorted({*(f"{t} ({b})" for t, b in BACKBONE_ADAPTERS), *ADAPTERS})
+        raise SystemExit(f"error: compute_id has no forward for task {entry.task} on {entry.backbone}; known: {known}")
+    return found
 
 
 def infer_task(config_path: str | None) -> str:
@@ -89,6 +110,7 @@ def infer_task(config_path: str | None) -> str:
     for task, words in (
         ("caption", ("caption",)),
         ("nlvr", ("nlvr",)),
+        ("retrieval", ("retrieval",)),
         ("classification", ("deit", "imagenet", "classif")),
     ):
         if any(w in stem for w in words):
@@ -213,9 +235,11 @@ def _sample_width(shape: tuple[int, ...], samples: int, kind: str, tokens: int |
 
 
 def _text_token_bound(model: nn.Module) -> int | None:
+    from models.clip import ClipTextTower
     from models.med import BertModel
 
     bounds = [m.config.max_position_embeddings for m in model.modules() if isinstance(m, BertModel)]
+    bounds += [m.context_length for m in model.modules() if isinstance(m, ClipTextTower)]
     return max(bounds) if bounds else None
 
 
@@ -650,6 +674,7 @@ def main(argv: list[str] | None = None) -> IDResult:
         ensure_demo_world(config["world"])
 
     module = entry.load()
+    adapter = adapter_for(entry)
     dataset = _train_split(entry, config, args.transform)
     n = math.ceil(args.nsamples / args.batch_size) * args.batch_size
     try:
@@ -678,7 +703,7 @@ def main(argv: list[str] | None = None) -> IDResult:
     try:
         result = measure(
             model,
-            ADAPTERS[task],
+            adapter,
             batches,
             n,
             found=found,

@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.eval_batches:
             raise SystemExit("error: --eval-batches needs --config (the evaluation data)")
         task, config, first = build_preset(args.preset, build_device, args.tokenizer)
-        module = registry.lookup(task).load()
+        module = registry.lookup(task, PRESETS[args.preset].backbone).load()
         source = f"{args.preset} (random weights)"
     else:
         task = args.task or _infer_task(args.config)

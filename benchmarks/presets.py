@@ -5,8 +5,8 @@ A preset names a task and the config keys that make its published backbone; the 
 task module's own ``build_model``, so a preset is exactly what that task trains. Costs do not depend on
 weights, so counting can build on the ``meta`` device (no memory, no time); timing needs real tensors.
 
-Not yet here: CLIP ViT-L/14@336 retrieval and ViLT-B/32, whose backbones do not exist in the project
-yet. Adding one is one :class:`Preset` entry once its task module builds it.
+Not yet here: ViLT-B/32, whose backbone does not exist in the project yet. Adding one is one :class:`Preset`
+entry once its task module builds it.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ class Preset:
     task: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
+    backbone: str = ""  # "": the task's default
 
     @property
     def blip(self) -> bool:
-        return self.task != "classification"
+        return self.task != "classification" and self.backbone in ("", "blip")
 
 
 PRESETS: dict[str, Preset] = {
@@ -54,6 +55,12 @@ PRESETS: dict[str, Preset] = {
         "retrieval",
         {"vit": "base", "image_size": 384, "queue_size": 57600},
         "BLIP ViT-B/16 + MED with momentum towers, 384 px, queue 57600",
+    ),
+    "clip-retrieval": Preset(
+        "retrieval",
+        {"clip_model": "ViT-L/14@336px", "image_size": 336, "queue_size": 57600},
+        "OpenAI CLIP ViT-L/14 at 336 px with momentum towers, queue 57600 (UPop's CLIP retrieval)",
+        backbone="clip",
     ),
     "deit-tiny": Preset("classification", {"vit": "deit_tiny", "image_size": 224, "num_classes": 1000}, "224 px"),
     "deit-small": Preset("classification", {"vit": "deit_small", "image_size": 224, "num_classes": 1000}, "224 px"),
@@ -111,7 +118,7 @@ def preset_config(name: str, tokenizer: str | Path | None = None) -> tuple[str, 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
     preset = PRESETS[name]
-    config = copy.deepcopy(dict(registry.lookup(preset.task).load().SCHEMA))
+    config = copy.deepcopy(dict(registry.lookup(preset.task, preset.backbone).load().SCHEMA))
     config.update(preset.overrides)
     if preset.blip:
         config["med_config"] = str(REPO / "configs" / "med_config.json")
@@ -125,15 +132,16 @@ def build_preset(
     """(task, config, model) of preset ``name`` with random weights on ``device`` (``meta``: shapes only)."""
     task, config = preset_config(name, tokenizer)
     with torch.device(device):
-        model = registry.lookup(task).load().build_model(config)
+        model = registry.lookup(task, PRESETS[name].backbone).load().build_model(config)
     return task, config, model.eval()
 
 
 def _encoders(model: nn.Module) -> list[nn.Module]:
+    from models.clip import ClipTextTower
     from models.med import BertModel
     from models.vit import VisionTransformer
 
-    return [m for m in model.modules() if isinstance(m, (VisionTransformer, BertModel))]
+    return [m for m in model.modules() if isinstance(m, (VisionTransformer, BertModel, ClipTextTower))]
 
 
 def uniform_slice(model: nn.Module, keep: float) -> nn.Module:
@@ -146,13 +154,13 @@ def uniform_slice(model: nn.Module, keep: float) -> nn.Module:
     """
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
+    from models.med import BertModel
     from models.med import prunable_units as med_units
-    from models.vit import VisionTransformer
     from models.vit import prunable_units as vit_units
 
     done: set[tuple[int, str]] = set()  # modules shared between encoders are cut once
     for encoder in _encoders(model):
-        units = vit_units(encoder) if isinstance(encoder, VisionTransformer) else med_units(encoder)
+        units = med_units(encoder) if isinstance(encoder, BertModel) else vit_units(encoder)
         for unit in units:
             key = (id(unit.module), unit.kind)
             if unit.kind == "head" or key in done:

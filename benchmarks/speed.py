@@ -4,7 +4,9 @@ Builds a task model at its real size with random weights (a preset of ``benchmar
 with one method (no data or training is needed: costs do not depend on the weights), and times both in
 alternation on the chosen device:
 
-* ``upop``: UPop's architecture at ratio ``--p`` with the magnitude ranking at the final step, sliced;
+* ``upop``: UPop's architecture at ratio ``--p`` with the magnitude ranking at the final step, sliced
+  (``--ranking uniform``: every structure keeps the same share instead; random weights give magnitudes that rank
+  one tower's attention far below the other's where their initialisations differ, as CLIP's do);
 * ``evit``: EViT reducers at ``--locations`` (default 3, 6, 9) with ``--keep-rate``, or the keep rate that
   removes ``--p`` of the FLOPs;
 * ``tome``: ToMe reducers merging ``--r`` tokens in every block (or a constant r solved from ``--p``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -43,9 +46,17 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
     if method == "upop":
         pruner = UPop({"p": args.p, "upop": {"importance": "magnitude", "round_to": args.round_to, "attn_cost": 36}})
         pruner.attach(small)
-        pruner.update(args.p)
+        if args.ranking == "uniform":
+            # Every searched structure keeps its first ceil((1 - p) n) entries: UPop's budget met in every block.
+            with torch.no_grad():
+                for m in pruner.masks:
+                    m.zero_()[: max(1, math.ceil((1 - args.p) * m.numel()))] = 1
+            pruner.p_t = args.p
+        else:
+            pruner.update(args.p)
+        budget = pruner.budget()["ratio"]
         pruner.compress(small)
-        how = f"UPop p={args.p}, magnitude ranking, round_to {args.round_to}"
+        how = f"UPop p={args.p}, {args.ranking} ranking, round_to {args.round_to} (mask budget {budget:.3f})"
     elif method == "evit":
         options = {"locations": args.locations, "keep_rate": None if args.p is not None else args.keep_rate}
         pruner = EViT({"p": args.p, "evit": options})
@@ -64,6 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="blip-nlvr", choices=sorted(PRESETS), help="real-size model (random weights)")
     ap.add_argument("--p", type=float, default=None, help="upop: mask budget share; evit / tome: FLOPs share to remove")
     ap.add_argument("--round-to", type=int, default=1, help="upop: round kept widths up to a multiple of this")
+    ap.add_argument(
+        "--ranking",
+        default="magnitude",
+        choices=("magnitude", "uniform"),
+        help="upop: the mask at --p from the weights' magnitudes, or the same share kept in every structure",
+    )
     ap.add_argument("--keep-rate", type=float, default=0.7, help="evit: kept share of tokens at each location")
     ap.add_argument("--locations", type=int, nargs="+", default=[3, 6, 9], help="evit: blocks that reduce")
     ap.add_argument("--r", type=int, default=8, help="tome: tokens merged per block")

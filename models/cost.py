@@ -38,6 +38,7 @@ __all__ = [
     "random_images",
     "bert_cost",
     "bert_layer_cost",
+    "blocks_cost",
     "layer_norm",
     "linear",
     "lm_head_cost",
@@ -222,6 +223,28 @@ def _reducer_macs(block: nn.Module, t_in: int, t_mid: int, head_dim: int) -> Cos
 # ------------------------------------------------------------------------------------------------ modules
 
 
+def blocks_cost(
+    blocks: Sequence[nn.Module],
+    batch: Number,
+    tokens: int,
+    counts: Mapping[int, tuple[int, int, int]] | None = None,
+    what: str = "the encoder",
+) -> tuple[Cost, int]:
+    """(cost, tokens out) of a stack of pre-norm blocks (:class:`~models.layers.Block`: ViT, CLIP's two towers) on
+    ``batch`` sequences of ``tokens`` tokens, with the token schedule of their static reducers or ``counts``."""
+    cost = Cost()
+    for block, (t_in, t_mid, t_out) in zip(blocks, _schedule(blocks, tokens, counts, what)):
+        if not hasattr(block, "attn"):  # a skipped block
+            continue
+        a = block.attn
+        extra = _reducer_macs(block, t_in, t_mid, a.head_dim).scaled(batch)
+        cost = cost + vit_block_cost(
+            batch, a.dim, a.num_heads, a.head_dim, block.mlp.hidden, t_in, t_out, a.inner_dim, extra, a.value_inner_dim
+        )
+        tokens = t_out
+    return cost, tokens
+
+
 def vit_cost(
     vit: nn.Module,
     batch: Number = 1,
@@ -237,17 +260,10 @@ def vit_cost(
     n_patches = grid[0] * grid[1]
     cost = linear(batch * n_patches, conv.in_channels * math.prod(conv.kernel_size), conv.out_channels)
     tokens = n_patches + vit.num_prefix_tokens
-    schedule = _schedule(vit.blocks, tokens, counts, "the ViT")
-    for block, (t_in, t_mid, t_out) in zip(vit.blocks, schedule):
-        if not hasattr(block, "attn"):  # a skipped block
-            continue
-        a = block.attn
-        extra = _reducer_macs(block, t_in, t_mid, a.head_dim).scaled(batch)
-        cost = cost + vit_block_cost(
-            batch, a.dim, a.num_heads, a.head_dim, block.mlp.hidden, t_in, t_out, a.inner_dim, extra, a.value_inner_dim
-        )
-        tokens = t_out
-    cost = cost + layer_norm(batch * tokens, vit.embed_dim)
+    if getattr(vit, "norm_pre", None) is not None:  # CLIP's ln_pre
+        cost = cost + layer_norm(batch * tokens, vit.embed_dim)
+    blocks, tokens = blocks_cost(vit.blocks, batch, tokens, counts, "the ViT")
+    cost = cost + blocks + layer_norm(batch * tokens, vit.embed_dim)
     if head_rows:
         for head in (vit.head, getattr(vit, "head_dist", None)):
             if isinstance(head, nn.Linear):
@@ -318,7 +334,8 @@ def lm_head_cost(lm: nn.Module, rows: Number) -> Cost:
 
 def image_size(model: nn.Module) -> tuple[int, int]:
     """The input size the model's image encoder was built for."""
-    vit = getattr(model, "visual_encoder", model)
+    vit = getattr(model, "visual_encoder", None)  # BLIP
+    vit = getattr(model, "visual", model) if vit is None else vit  # CLIP, or a ViT itself
     patch_embed = getattr(vit, "patch_embed", None)
     if patch_embed is None:
         raise TypeError(f"{type(model).__name__} has no visual_encoder.patch_embed or patch_embed to size images by")

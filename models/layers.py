@@ -208,7 +208,9 @@ class Attention(_SlotModule):
 
     ``scale`` is fixed at construction (``head_dim ** -0.5`` unless given) and survives slicing unless
     ``keep_head_dims(..., rescale=True)``: timm ViTs (BLIP, DeiT) keep ``64 ** -0.5`` after UPop
-    compression, BERT and CLIP recompute it from the kept width.
+    compression, BERT and CLIP recompute it from the kept width. ``slice_rescale`` is what
+    ``keep_head_dims`` does when not told (False; CLIP's blocks set True, the convention of the UPop seed's
+    released CLIP files).
 
     Mask slots: ``head_dim_mask`` (shape ``(head_dim,)``) multiplies coordinate ``i`` of every head's
     query, key and value before the scores (UPop); ``head_mask`` (shape ``(num_heads,)``) multiplies
@@ -266,6 +268,7 @@ class Attention(_SlotModule):
         self.head_dim_mask: Tensor | None = None
         self.head_mask: Tensor | None = None
         self.value_dims: list[int] | None = None
+        self.slice_rescale = False
 
     @property
     def inner_dim(self) -> int:
@@ -372,14 +375,16 @@ class Attention(_SlotModule):
             slice_linear(self.proj, in_idx=cols)
         return cols
 
-    def keep_head_dims(self, idx: IndexLike, rescale: bool = False) -> Tensor:
+    def keep_head_dims(self, idx: IndexLike, rescale: bool | None = None) -> Tensor:
         """Keep head coordinates ``idx`` (indices or a boolean keep-vector) in every head, in place.
 
         Slices q/k/v rows (and biases) and ``proj`` input columns; a set ``head_dim_mask`` is sliced
         to the kept entries (detached: a pruner that still trains it must set it again). With
-        ``rescale`` the scale becomes ``new_head_dim ** -0.5``. Returns the kept columns of the
-        (H*d)-wide context, for an output projection that lives outside this module.
+        ``rescale`` (default: ``slice_rescale``) the scale becomes ``new_head_dim ** -0.5``. Returns the kept
+        columns of the (H*d)-wide context, for an output projection that lives outside this module.
         """
+        if rescale is None:
+            rescale = self.slice_rescale
         keep = _as_index(idx, self.head_dim, "head dim")
         cols = self._slice(torch.arange(self.num_heads), keep)
         mask = sliced_mask(self.head_dim_mask, keep)

@@ -84,13 +84,15 @@ def resample_pos_embed(
 class PatchEmbed(nn.Module):
     """Non-overlapping conv patches, flattened row-major (y outer, x inner)."""
 
-    def __init__(self, img_size: int | Sequence[int], patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(
+        self, img_size: int | Sequence[int], patch_size: int, in_chans: int, embed_dim: int, bias: bool = True
+    ) -> None:
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x = self.proj(x)
@@ -114,7 +116,9 @@ class VisionTransformer(nn.Module):
     ``num_heads``, ``embed_dim // num_heads`` and ``embed_dim * mlp_ratio``). ``distilled`` adds
     DeiT's distillation token and head (timm ``VisionTransformerDistilled`` semantics). The attention
     scale of every block is fixed at ``(embed_dim // num_heads) ** -0.5`` regardless of
-    ``head_dims``: compressed BLIP ViTs and DeiTs keep the dense scale (UPop).
+    ``head_dims``: compressed BLIP ViTs and DeiTs keep the dense scale (UPop). OpenAI CLIP's image tower
+    differs only in ``pre_norm`` (a LayerNorm after the position embedding, timm's ``norm_pre``), a patch
+    convolution without bias (``patch_bias``), QuickGELU (``act``) and LayerNorm eps 1e-5.
     """
 
     def __init__(
@@ -135,6 +139,9 @@ class VisionTransformer(nn.Module):
         head_dims: Sequence[int] | None = None,
         mlp_hidden: Sequence[int] | None = None,
         distilled: bool = False,
+        pre_norm: bool = False,
+        patch_bias: bool = True,
+        act: str = "gelu",
     ) -> None:
         super().__init__()
         if global_pool != "token":
@@ -147,10 +154,11 @@ class VisionTransformer(nn.Module):
         self.distilled_training = False
         self.num_prefix_tokens = 2 if distilled else 1
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else None
 
         dense_head_dim = embed_dim // num_heads
         heads = _per_block(heads, num_heads, depth, "heads")
@@ -167,6 +175,7 @@ class VisionTransformer(nn.Module):
                 qkv_bias=qkv_bias,
                 drop_path=drop_rates[i],
                 norm_eps=norm_eps,
+                act=act,
                 index=i,
             )
             for i in range(depth)
@@ -225,6 +234,8 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
         x = torch.cat([*prefix, x], dim=1) + self._pos_embed_for(grid)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
         state = TokenState.start(record=record_attn) if state is None else state
         for block in self.blocks:
             x, state = block(x, state)

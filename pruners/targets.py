@@ -14,6 +14,9 @@ from the model's structure:
   ``dense0``/``dense1`` and ``merge_layer``, then ``intermediate.dense`` and ``output.dense``):
   modality ``text``. Cross-attention key/value project image tokens, but they belong to the text
   tower, as in the seed's tables (48 vision entries, then the text entries);
+* in CLIP's two towers, each block's ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (the seed's ``out_proj``,
+  ``c_fc``, ``c_proj``: its CLIP pruner never masks the fused q/k/v), vision then text: 3 x (24 + 12) = 108 on
+  ViT-L/14;
 * nothing else: embeddings, patch embedding, LayerNorms, the LM head, ``cls_head``, classifier
   heads, projections; and nothing in momentum towers (``*_m``), which never receive a gradient.
 
@@ -67,14 +70,22 @@ def targets(model: nn.Module) -> list[Target]:
     Raises ``TypeError`` for a model that holds no ViT blocks and no MED text layers, so that a new
     backbone fails loudly here instead of being measured or pruned on an empty set.
     """
+    from models.clip import ClipTextTower
+
     owners: dict[int, tuple[str, object]] = {}
     for name, module in model.named_modules():
         if _is_momentum(name):
             continue
-        if isinstance(module, VisionTransformer):
+        if isinstance(module, (VisionTransformer, ClipTextTower)):
+            modality = TEXT if isinstance(module, ClipTextTower) else VISION
+            chosen = getattr(module, "masked_linears", None)  # CLIP: a subset of each block's Linears
             for block in module.blocks:
-                for sub in block.modules():
-                    owners.setdefault(id(sub), (VISION, None))
+                if chosen is None:
+                    subs = list(block.modules())
+                else:
+                    subs = [block.get_submodule(path) for path in chosen] if hasattr(block, "attn") else []
+                for sub in subs:
+                    owners.setdefault(id(sub), (modality, None))
         elif isinstance(module, BertModel):
             for layer in module.encoder.layer:
                 for sub in layer.modules():
@@ -84,7 +95,7 @@ def targets(model: nn.Module) -> list[Target]:
         if not isinstance(module, nn.Linear) or id(module) not in owners or _is_momentum(name):
             continue
         modality, layer = owners[id(module)]
-        tokens = "image" if modality == VISION or _cross_kv(layer, module) else "text"
+        tokens = "image" if modality == VISION or (layer is not None and _cross_kv(layer, module)) else "text"
         found.append(Target(name, modality, tokens))
     if not found:
         raise TypeError(

@@ -4,7 +4,8 @@
         checkpoints/demo/blip_tiny_pretrain.pth --half
 
 Tensors that share storage in the model (tied or shared modules) stay shared in the output file. ``--drop``
-leaves out a module, e.g. the 3-way head of text-assignment pre-training before NLVR2 fine-tuning:
+leaves out a module or a tensor, e.g. the 3-way head of text-assignment pre-training before NLVR2 fine-tuning (or
+CLIP's momentum towers and queues, which a fine-tuning run starts afresh):
 
     python scripts/export_weights.py output/demo/text_assignment/checkpoint_last.pth \
         checkpoints/demo/blip_tiny_twin.pth --half --drop cls_head
@@ -23,8 +24,8 @@ import utils  # noqa: E402
 def export(src: str, dst: str, half: bool = False, drop: tuple[str, ...] = ()) -> dict:
     sd = utils.unwrap_state_dict(utils.load_checkpoint_file(src), src)
     if drop:
-        prefixes = tuple(p.rstrip(".") + "." for p in drop)
-        kept = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+        names = tuple(p.rstrip(".") for p in drop)
+        kept = {k: v for k, v in sd.items() if not (k in names or k.startswith(tuple(n + "." for n in names)))}
         if len(kept) == len(sd):
             raise KeyError(f"{src} has no keys under {', '.join(drop)}; nothing to drop")
         sd = kept

@@ -230,7 +230,8 @@ def retrieval_metrics(
     ``scores_i2t`` is (images x texts), ``scores_t2i`` (texts x images), as numpy arrays or tensors;
     ``img2txt[i]`` lists the texts of image i (its rank is the best one among them) and ``txt2img[j]``
     is the image of text j, both indexed 0..n-1 (lists or dicts). Adds ``txt_r_mean``, ``img_r_mean``
-    (mean of the three recalls) and ``r_mean`` (mean of those two).
+    (mean of the three recalls) and ``r_mean`` (mean of those two), and 95 % intervals: Wilson for ``txt_r1`` and
+    ``img_r1`` (``*_ci95``), a bootstrap over the queries for ``r_mean`` (``r_mean_ci95``).
     """
     i2t = _score_tensor(scores_i2t, "scores_i2t")
     t2i = _score_tensor(scores_t2i, "scores_t2i")
@@ -255,14 +256,32 @@ def retrieval_metrics(
         if bad:
             raise ValueError(f"{name} holds indices outside 0..{bound - 1}: {bad[:5]}")
 
-    txt_r = _recall(_gt_ranks(i2t, texts_of))
-    img_r = _recall(_gt_ranks(t2i, image_of))
+    txt_ranks, img_ranks = _gt_ranks(i2t, texts_of), _gt_ranks(t2i, image_of)
+    txt_r, img_r = _recall(txt_ranks), _recall(img_ranks)
     out = {f"txt_r{k}": v for k, v in zip(RECALL_AT, txt_r)}
     out.update({f"img_r{k}": v for k, v in zip(RECALL_AT, img_r)})
     out["txt_r_mean"] = sum(txt_r) / len(txt_r)
     out["img_r_mean"] = sum(img_r) / len(img_r)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    out["txt_r1_ci95"] = wilson_interval(int((txt_ranks < 1).sum()), n_img)
+    out["img_r1_ci95"] = wilson_interval(int((img_ranks < 1).sum()), n_txt)
+    out["r_mean_ci95"] = _bootstrap_r_mean(txt_ranks, img_ranks)
     return out
+
+
+def _bootstrap_r_mean(txt_ranks: torch.Tensor, img_ranks: torch.Tensor, draws: int = 1000) -> list[float]:
+    """The 95 % percentile interval of ``r_mean`` over ``draws`` resamplings of the image queries and the text queries
+    (a fixed generator: the same ranks always give the same interval)."""
+    g = torch.Generator().manual_seed(0)
+    ks = torch.tensor(RECALL_AT)
+
+    def resampled(ranks: torch.Tensor) -> torch.Tensor:
+        pick = ranks[torch.randint(len(ranks), (draws, len(ranks)), generator=g)]
+        return 100.0 * (pick[:, :, None] < ks).double().mean(dim=1).mean(dim=1)
+
+    r_mean = (resampled(txt_ranks.cpu()) + resampled(img_ranks.cpu())) / 2
+    lo, hi = torch.quantile(r_mean, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(lo, 2), round(hi, 2)]
 
 
 # ----------------------------------------------------------------------------------------------

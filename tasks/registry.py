@@ -91,6 +91,15 @@ ENTRIES: tuple[Entry, ...] = (
         "compress_retrieval.py",
     ),
     Entry(
+        "retrieval",
+        "clip",
+        "tasks.retrieval_clip",
+        "configs/retrieval_coco_clip.yaml",
+        "configs/demo/retrieval_clip.yaml",
+        "retrieval",
+        "compress_retrieval.py",
+    ),
+    Entry(
         "classification",
         "vit",
         "tasks.classification",

@@ -55,12 +55,17 @@ class RetrievalTask:
         self.config = config
         self.steps_per_epoch = steps_per_epoch
 
+    def alpha(self, info) -> float:
+        """The weight of the momentum-distillation targets, ramped up over the first epoch as in the seeds."""
+        alpha = self.config["alpha"]
+        if info.epoch == 0:
+            alpha *= min(1.0, info.step / max(info.steps_per_epoch, 1))
+        return alpha
+
     def train_step(self, model, batch, info) -> dict[str, torch.Tensor]:
         image, caption, idx = batch
         device = model_device(model)
-        alpha = self.config["alpha"]
-        if info.epoch == 0:  # ramped up over the first epoch, as in the seed
-            alpha *= min(1.0, info.step / max(info.steps_per_epoch, 1))
+        alpha = self.alpha(info)
         loss_ita, loss_itm = model(image.to(device, non_blocking=True), list(caption), alpha, idx.to(device))
         return {"loss": loss_ita + loss_itm, "loss_ita": loss_ita, "loss_itm": loss_itm}
 

@@ -164,7 +164,11 @@ def test_retrieval_metrics_match_brute_force(n_img, seed):
     expected = _brute_force_recall(i2t, t2i, txt2img, img2txt)
     assert 0 < expected["txt_r1"] < 100 and 0 < expected["img_r1"] < 100  # the problem discriminates
     got = retrieval_metrics(i2t, t2i, txt2img, img2txt)
+    intervals = {k: got.pop(k) for k in ("txt_r1_ci95", "img_r1_ci95", "r_mean_ci95")}
     assert got == pytest.approx(expected, abs=1e-9)
+    for key, (lo, hi) in intervals.items():
+        value = got[key.removesuffix("_ci95")]
+        assert lo <= value <= hi and hi - lo < 200 / len(img2txt) ** 0.5  # around the value, narrowing with n
     # tensors and list-shaped ground truth give the same
     as_lists = retrieval_metrics(
         torch.from_numpy(i2t).float(),
@@ -172,7 +176,7 @@ def test_retrieval_metrics_match_brute_force(n_img, seed):
         [txt2img[j] for j in range(len(txt2img))],
         [img2txt[i] for i in range(n_img)],
     )
-    assert as_lists == pytest.approx(expected, abs=1e-9)
+    assert {k: v for k, v in as_lists.items() if not k.endswith("_ci95")} == pytest.approx(expected, abs=1e-9)
 
 
 def test_retrieval_metrics_perfect_and_degenerate_scores():
@@ -182,6 +186,8 @@ def test_retrieval_metrics_perfect_and_degenerate_scores():
     for j, i in txt2img.items():
         match[i, j] = 1.0
     perfect = retrieval_metrics(match, match.T, txt2img, img2txt)
+    assert perfect.pop("r_mean_ci95") == [100.0, 100.0] and perfect.pop("txt_r1_ci95")[1] == 100.0
+    perfect.pop("img_r1_ci95")
     assert perfect == {k: 100.0 for k in perfect} and len(perfect) == 9
     # ties count against the ground truth: a collapsed model scores nothing
     flat = retrieval_metrics(np.zeros((n_img, n_txt)), np.zeros((n_txt, n_img)), txt2img, img2txt)

@@ -411,8 +411,10 @@ def test_demo_script_prunes_then_the_checkpoint_evaluates_to_the_same_accuracy(s
 
 def test_row_scripts_are_valid_bash_and_run_the_seeds_80_percent_rows():
     scripts = sorted((REPO / "scripts" / "platon").glob("*.sh"))
-    assert len(scripts) == 11  # 4 rows x (compress, evaluate) + 2 ID tables + the shared runner
+    assert len(scripts) == 16  # 6 rows x (compress, evaluate) + 3 ID tables + the shared runner
     for path in scripts:
         subprocess.run(["bash", "-n", str(path)], check=True)
     text = (REPO / "scripts/platon/compress_nlvr_80_id.sh").read_text()
     assert "compress nlvr configs/nlvr.yaml 0.2" in text and "--useID" in text and "compute_ids_nlvr.sh" in text
+    text = (REPO / "scripts/platon/compress_retrieval_flickr_clip_80_id.sh").read_text()
+    assert "compress retrieval configs/retrieval_flickr_clip.yaml 0.2" in text and "--useID" in text

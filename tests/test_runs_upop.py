@@ -28,10 +28,12 @@ def sh(*args):
 
 def test_every_row_script_is_valid_bash_and_names_its_ratio():
     scripts = sorted((REPO / "scripts" / "upop").glob("*.sh"))
-    assert len(scripts) == 27  # 13 published rows x (compress, evaluate) + the shared runner
+    assert len(scripts) == 35  # 17 published rows (13 BLIP, 4 CLIP) x (compress, evaluate) + the shared runner
     for path in scripts:
         subprocess.run(["bash", "-n", str(path)], check=True)
     assert "compress nlvr configs/nlvr.yaml 0.75 23" in (REPO / "scripts/upop/compress_nlvr_4x.sh").read_text()
+    clip = (REPO / "scripts/upop/compress_retrieval_flickr_clip_4x.sh").read_text()
+    assert "compress retrieval configs/retrieval_flickr_clip.yaml 0.75 18" in clip
 
 
 @pytest.mark.slow

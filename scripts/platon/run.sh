@@ -20,7 +20,10 @@ case $task in
   caption) recipe=(--epoch 5 --set batch_size_train=20 --set init_lr=1e-5 --set min_lr=0 --set weight_decay=0.0) ;;
   # train_nlvr.py + configs/nlvr.yaml: batch 10 per GPU, lr 3e-5, weight decay 0.05.
   nlvr) recipe=(--epoch 10 --set batch_size_train=10 --set init_lr=3e-5 --set min_lr=0 --set weight_decay=0.05) ;;
-  *) echo "run.sh: no PLATON recipe for task '$task' (caption, nlvr)" >&2; exit 2 ;;
+  # train_clip_flickr30k.py + configs/retrieval_flickr_clip.yaml (CLIP; the seed has no BLIP retrieval row): batch 2
+  # per GPU, lr 1e-5, weight decay 0.2, 5 epochs.
+  retrieval) recipe=(--epoch 5 --set batch_size_train=2 --set init_lr=1e-5 --set min_lr=0 --set weight_decay=0.2) ;;
+  *) echo "run.sh: no PLATON recipe for task '$task' (caption, nlvr, retrieval)" >&2; exit 2 ;;
 esac
 case $mode in
   compress)
