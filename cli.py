@@ -207,11 +207,14 @@ def evaluation_file(output_dir: Path, checkpoint: str, overwrite: bool = False) 
     return path
 
 
-def default_output_dir(task: str, args: argparse.Namespace) -> str:
+def default_output_dir(task: str, args: argparse.Namespace, backbone: str | None = None) -> str:
     """output/<task>, or output/<pruner>_<task> for a pruning run (so it never lands in the dense run's folder);
-    under output/demo/ with --demo."""
+    ``_<backbone>`` appended for any backbone but the task's first (output/retrieval_clip); under output/demo/ with
+    --demo."""
     pruner = getattr(args, "pruner", "none")
     name = task if pruner == "none" else f"{pruner}_{task}"
+    if backbone and backbone != registry.lookup(task).backbone:
+        name += f"_{backbone}"
     return f"output/demo/{name}" if args.demo else f"output/{name}"
 
 
@@ -237,7 +240,7 @@ def main(task: str, description: str = "", argv: list[str] | None = None) -> dic
         raise SystemExit(f"error: {e}") from None
     if args.evaluate and not config["pretrained"]:
         raise SystemExit("error: --evaluate needs weights to evaluate: give --pretrained (or pretrained in the config)")
-    output_dir = Path(args.output_dir or default_output_dir(task, args))
+    output_dir = Path(args.output_dir or default_output_dir(task, args, config["backbone"]))
     _check_output_dir(output_dir, args)
 
     dist_info = utils.init_distributed(args.device)

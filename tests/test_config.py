@@ -146,3 +146,22 @@ def test_a_pruning_run_never_defaults_to_the_dense_runs_folder(argv, expected):
     import compress_nlvr
 
     assert cli.default_output_dir(compress_nlvr.TASK, cli.build_parser(compress_nlvr.TASK).parse_args(argv)) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--demo"], "output/demo/retrieval"),
+        (["--demo", "--config", "configs/demo/retrieval_clip.yaml"], "output/demo/retrieval_clip"),
+        (
+            ["--demo", "--config", "configs/demo/retrieval_clip.yaml", "--pruner", "upop"],
+            "output/demo/upop_retrieval_clip",
+        ),
+    ],
+)
+def test_another_backbone_of_a_task_defaults_to_its_own_folder(argv, expected):
+    import cli
+
+    args = cli.build_parser("retrieval").parse_args(argv)
+    backbone = cli.resolve_config("retrieval", args)["backbone"]
+    assert cli.default_output_dir("retrieval", args, backbone) == expected
