@@ -94,9 +94,7 @@ TASKS = tuple(task for task in registry.tasks() if task in ADAPTERS or any(k[0] 
 
 def adapter_for(entry: registry.Entry) -> Adapter:
     """The adapter of ``entry``'s (task, backbone), else of its task; an error names what exists."""
-    found = BACKBONE_ADAPTERS.get((entry.task, entry.backbone)) or (
-        ADAPTERS.get(entry.task) if not any(k[0] == entry.task for k in BACKBONE_ADAPTERS) else None
-    )
+    found = BACKBONE_ADAPTERS.get((entry.task, entry.backbone)) or ADAPTERS.get(entry.task)
     if found is None:
         known = sorted({*(f"{t} ({b})" for t, b in BACKBONE_ADAPTERS), *ADAPTERS})
         raise SystemExit(f"error: compute_id has no forward for task {entry.task} on {entry.backbone}; known: {known}")
