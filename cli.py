@@ -323,7 +323,7 @@ def _run(entry, module, args, config: dict, pruner, kd, output_dir: Path, dist_i
     else:
         results = engine.fit(train_loader, eval_loaders, resume=args.resume)
         if pruner is not None and pruner.exports_model:
-            results["compressed_checkpoint"] = _export_compressed(Path(results["checkpoint"]), output_dir)
+            results["compressed_checkpoint"] = _export_compressed(Path(results["checkpoint"]), output_dir, engine)
     results = {
         "task": entry.task,
         "backbone": entry.backbone,
@@ -368,13 +368,15 @@ def _model_cost(model: torch.nn.Module, config: Mapping[str, Any], eval_loader: 
     return out
 
 
-def _export_compressed(best: Path, output_dir: Path) -> str:
-    """The best compressed model as ``model_compressed.safetensors`` + ``.json`` (+ ``.pth``)."""
+def _export_compressed(best: Path, output_dir: Path, engine: Engine) -> str:
+    """The best compressed model as ``model_compressed.safetensors`` + ``.json`` (+ ``.pth``); a run with no best
+    epoch (none reached the pruner's target) exports its last one, described as the model is now."""
     from models.arch import read_weights, save_compressed
 
     stem = output_dir / "model_compressed"
     if utils.is_main_process():
         sd, arch = read_weights(best)
+        arch = arch if arch is not None else engine.architecture()
         save_compressed(stem, sd, arch)
     utils.barrier()
     return str(stem.with_suffix(".safetensors"))

@@ -311,6 +311,7 @@ class Engine:
         """Train through the phases (the pruner's, or one of ``max_epoch`` epochs), evaluating every
         ``eval_every`` epochs and at each phase's end, after the pruner's ``phase_end`` (UPop compresses there)."""
         self._train_loader = train_loader
+        self.eval_loaders = eval_loaders  # a pruner may measure on them (MADTP's controller)
         if resume:
             self.load_checkpoint(resume)
             self._own_checkpoint = True
@@ -342,6 +343,8 @@ class Engine:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             pruning = self.pruner is not None and phase.spec.pruning
+            if pruning:
+                self.pruner.epoch_start(epoch, self)
             train_stats = self._train_epoch(train_loader, epoch, phase, schedule, accum, pruning)
             if pruning:
                 self.pruner.epoch_end(epoch, self)
@@ -366,6 +369,12 @@ class Engine:
                 record["pruner"] = self.pruner.report()
             utils.append_jsonl(self.output_dir / LOG, record)
             log.info("epoch %d: %s", epoch, _fmt(record))
+        if self.pruner is not None and self.state.best_epoch < 0 and self.state.last_metrics:
+            log.warning(
+                "no evaluated epoch reached the %s pruner's target (%s); the result is the last epoch's model",
+                self.pruner.name,
+                self.pruner.report(),
+            )
         return self.results()
 
     def _schedule(self, spec: PhaseSpec, steps_per_epoch: int) -> utils.LRSchedule:
@@ -405,11 +414,13 @@ class Engine:
                 with self._autocast():
                     losses = self.task.train_step(self.ddp_model, batch, info)
                     logits = losses.pop("logits", None)
+                    # What a pruner's loss may need besides the losses (which image rows each text read), not logged.
+                    extras = {k: losses.pop(k) for k in ("image_rows",) if k in losses}
                     loss = losses["loss"]
                     if self.teacher is not None:
                         loss, losses = self._distil(loss, losses, logits, batch)
                     if pruner is not None:
-                        extra = pruner.loss(self.model, losses)
+                        extra = pruner.loss(self.model, {**losses, **extras})
                         if extra is not None:
                             loss = loss + extra
                             losses = {**losses, "pruner_loss": extra}
@@ -485,7 +496,9 @@ class Engine:
         self.state.last_metrics = dict(metrics)
         if self.pruner is not None and not self.pruner.at_target():
             return  # a model still on its way to the pruner's target (a search, a sparsity ramp) is no result
-        split = "val" if "val" in metrics else next(iter(metrics))
+        split = getattr(self.pruner, "selection_split", None) or ("val" if "val" in metrics else next(iter(metrics)))
+        if split not in metrics:
+            raise ValueError(f"model selection on the {split} split, but the run evaluates only {sorted(metrics)}")
         value = metrics[split].get(self.task.main_metric)
         if value is None:  # e.g. VQA on the official test split: only the server knows the answers
             log.warning("no '%s' in the %s metrics; keeping the last epoch as the result", self.task.main_metric, split)
@@ -496,16 +509,24 @@ class Engine:
             self.save_model(self.output_dir / CHECKPOINT_BEST, epoch=epoch)
 
     # ------------------------------------------------------------------------------------------
+    def architecture(self) -> dict | None:
+        """The architecture description of a pruning run's model as it is now, with the pruner's report (None
+        without a pruner, or for a model without prunable units, e.g. a test's toy model)."""
+        if self.pruner is None:
+            return None
+        from models.arch import architecture
+
+        try:
+            return {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
+        except TypeError:
+            return None
+
     def save_model(self, path: Path, **extra) -> None:
         """The weights, the config and, for a pruning run, the architecture description the model now has
         (widths, skipped blocks, token reducers: what evaluating it without pruner code needs)."""
-        if self.pruner is not None:
-            from models.arch import architecture
-
-            try:
-                extra["arch"] = {**architecture(self.model), "pruner": self.pruner.name, **self.pruner.report()}
-            except TypeError:  # a model without prunable units (e.g. a test's toy model) has nothing to describe
-                pass
+        arch = self.architecture()
+        if arch is not None:
+            extra["arch"] = arch
         if utils.is_main_process():
             utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
             self._checkpoint_written(path)

@@ -55,7 +55,9 @@ __all__ = [
     "measure_throughput",
     "model_cost",
     "peak_memory",
+    "replayed_cost",
     "saturating_batch",
+    "speed_cost",
 ]
 
 
@@ -171,6 +173,58 @@ def average_cost(
         "batches": n_batches,
         "inputs": inputs,
     }
+
+
+def replayed_cost(
+    model: nn.Module, batches: Iterable[Any], dataset: Any = None, max_batches: int | None = None
+) -> dict[str, Any]:
+    """The analytic cost per sample of real batches in the seed's forward mode, each forward's token counts
+    recorded and fed to the cost model (:func:`models.cost.recorded_counts`): what a dynamic token pruner
+    (MADTP) removes. FLOPs and MACs (seed convention) are averaged over batches, each batch weighing the same (the
+    seed's averaging); ``tokens`` gives every reducing block's mean token count after it (into its MLP)."""
+
+    flops, macs, n_batches, tokens = 0.0, 0.0, 0, {}
+    with inference(model):
+        for batch in itertools.islice(batches, max_batches):
+            probe = _probe(model, "batch", batch=batch, dataset=dataset)
+            cost, counts = _replayed(model, probe)
+            for name, calls in counts.items():
+                tokens.setdefault(name, []).extend(c[2] for c in calls)
+            flops += float(cost.flops) / probe.samples
+            macs += float(cost.seed_macs) / probe.samples
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("no batches to average over (an empty loader, or max_batches=0)")
+    dynamic = {k: round(sum(v) / len(v), 2) for k, v in tokens.items() if v and _reduces(model, k)}
+    return {"flops": flops / n_batches, "macs": macs / n_batches, "batches": n_batches, "tokens": dynamic}
+
+
+def _replayed(model: nn.Module, probe: Probe) -> tuple[Any, dict[str, list[tuple[int, int, int]]]]:
+    """(analytic cost of one run of ``probe`` with the token counts it recorded, {block: counts of each call})."""
+    from models.cost import recorded_counts, replayed_counts
+
+    if probe.analytic is None:
+        raise TypeError(f"{type(model).__name__}'s probe ({probe.inputs}) has no analytic cost")
+    with preserved_state(model, probe.mutates), recorded_counts(model) as counts:
+        probe.run()
+    calls = counts.per_block()
+    with replayed_counts(counts):
+        return probe.analytic(), calls
+
+
+def speed_cost(model: nn.Module, batch_size: int) -> dict[str, float]:
+    """FLOPs and MACs per sample of the model's inference call (``cost_probe("speed")``) at ``batch_size``, from the
+    analytic cost model with the call's own token counts: with a dynamic token pruner the counts are batch maxima,
+    so the cost depends on the batch."""
+    with inference(model):
+        probe = _probe(model, "speed", batch_size=batch_size)
+        cost, _ = _replayed(model, probe)
+    return {"flops": float(cost.flops) / probe.samples, "macs": float(cost.seed_macs) / probe.samples}
+
+
+def _reduces(model: nn.Module, block: str) -> bool:
+    hooks = getattr(model.get_submodule(block), "token_hooks", None) or []
+    return any(getattr(h, "out_tokens", True) is None for h in hooks)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:

@@ -9,7 +9,12 @@ alternation on the chosen device:
   one tower's attention far below the other's where their initialisations differ, as CLIP's do);
 * ``evit``: EViT reducers at ``--locations`` (default 3, 6, 9) with ``--keep-rate``, or the keep rate that
   removes ``--p`` of the FLOPs;
-* ``tome``: ToMe reducers merging ``--r`` tokens in every block (or a constant r solved from ``--p``).
+* ``tome``: ToMe reducers merging ``--r`` tokens in every block (or a constant r solved from ``--p``);
+* ``madtp``: MADTP reducers in every block of every tower (100 random alignment tokens; CLIP with its per-block
+  projections) at ``--temperature``, or the temperature whose kept tokens remove ``--p`` of the FLOPs of the
+  inference call at ``--batch`` (found by bisection; the keep counts are batch maxima, so the FLOPs depend on the
+  batch and are measured at the batch that is timed);
+* ``upop+madtp``: UPop at ``--upop-p`` (the ``--ranking`` above), then MADTP on the compressed model as above.
 
 The check: the measured speed-up (latency at batch 1, and throughput at ``--batch``) is at least
 ``--min-fraction`` of the FLOPs reduction.
@@ -17,6 +22,7 @@ The check: the measured speed-up (latency at batch 1, and throughput at ``--batc
     python -m benchmarks.speed upop --preset blip-nlvr --p 0.5 --device cpu
     python -m benchmarks.speed evit --preset blip-nlvr --p 0.5 --device cpu
     python -m benchmarks.speed tome --preset deit-small --r 13 --device cpu --batch 16
+    python -m benchmarks.speed madtp --preset blip-nlvr --p 0.5 --device cpu --batch 8
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
     from pruners.upop import UPop
 
     small = copy.deepcopy(model)
-    if method == "upop":
+    if method in ("upop", "upop+madtp"):
         pruner = UPop({"p": args.p, "upop": {"importance": "magnitude", "round_to": args.round_to, "attn_cost": 36}})
         pruner.attach(small)
         if args.ranking == "uniform":
@@ -57,6 +63,10 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
         budget = pruner.budget()["ratio"]
         pruner.compress(small)
         how = f"UPop p={args.p}, {args.ranking} ranking, round_to {args.round_to} (mask budget {budget:.3f})"
+        if method == "upop+madtp":
+            how += "; then " + _madtp(small, args)
+    elif method == "madtp":
+        how = _madtp(small, args)
     elif method == "evit":
         options = {"locations": args.locations, "keep_rate": None if args.p is not None else args.keep_rate}
         pruner = EViT({"p": args.p, "evit": options})
@@ -69,9 +79,41 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
     return small.eval(), how
 
 
+def _madtp(model: nn.Module, args: argparse.Namespace) -> str:
+    """MADTP reducers on ``model`` (in place) at ``args.temperature``, or at the temperature whose kept tokens remove
+    ``args.madtp_p`` of the FLOPs of the inference call at ``args.batch``; returns a line saying how."""
+    from benchmarks.measure import speed_cost
+    from models.madtp import reducer_plan
+    from models.token_ops import MADTPReducer, attach_reducers
+
+    clip = hasattr(model, "visual")  # CLIP's towers differ in width: per-block projections to 768, as the seed
+    width = None if clip else model.visual_encoder.embed_dim
+    attach_reducers(model, reducer_plan(model, 0.0, 100, 768 if clip else width, q_map=clip), "madtp")
+    reducers = [
+        h for m in model.modules() for h in getattr(m, "token_hooks", None) or [] if isinstance(h, MADTPReducer)
+    ]
+
+    def cost(t: float) -> float:
+        for r in reducers:
+            r.temperature = t
+        return speed_cost(model, args.batch)["macs"]
+
+    dense = cost(0.0)
+    if args.temperature is not None:
+        t = args.temperature
+    else:  # the kept share falls as T grows: bisection in log T
+        lo, hi = 1e-3, 1e4
+        for _ in range(args.search_steps):
+            t = math.sqrt(lo * hi)
+            lo, hi = (t, hi) if cost(t) > (1 - args.madtp_p) * dense else (lo, t)
+        t = math.sqrt(lo * hi)
+    ratio = cost(t) / dense
+    return f"MADTP T={t:.4g} in {len(reducers)} blocks (FLOPs at batch {args.batch}: x{ratio:.3f} of before MADTP)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("method", choices=("upop", "evit", "tome"), help="the compression method")
+    ap.add_argument("method", choices=("upop", "evit", "tome", "madtp", "upop+madtp"), help="the compression method")
     ap.add_argument("--preset", default="blip-nlvr", choices=sorted(PRESETS), help="real-size model (random weights)")
     ap.add_argument("--p", type=float, default=None, help="upop: mask budget share; evit / tome: FLOPs share to remove")
     ap.add_argument("--round-to", type=int, default=1, help="upop: round kept widths up to a multiple of this")
@@ -84,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep-rate", type=float, default=0.7, help="evit: kept share of tokens at each location")
     ap.add_argument("--locations", type=int, nargs="+", default=[3, 6, 9], help="evit: blocks that reduce")
     ap.add_argument("--r", type=int, default=8, help="tome: tokens merged per block")
+    ap.add_argument("--temperature", type=float, default=None, help="madtp: the temperature (default: solved from --p)")
+    ap.add_argument("--upop-p", type=float, default=0.5, help="upop+madtp: UPop's mask budget share")
+    ap.add_argument("--search-steps", type=int, default=10, help="madtp: bisection steps for the temperature")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--batch", type=int, default=1, help="throughput batch (1: latency only)")
@@ -94,6 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.method == "upop" and args.p is None:
         args.p = 0.5
+    if "madtp" in args.method:  # --p is MADTP's FLOPs share; UPop's budget of the combination is --upop-p
+        args.madtp_p = 0.5 if args.p is None else args.p
+        if args.method == "upop+madtp":
+            args.p = args.upop_p
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -112,6 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = report["ratio"]
     flops_reduction = 1 / ratio["flops"]
     speedups = {"latency (batch 1)": 1 / ratio["latency_ms"], f"throughput (batch {args.batch})": ratio["throughput"]}
+    if "madtp" in args.method:
+        # Keep counts are batch maxima: the FLOPs to compare with are those of the timed call at the timed batch.
+        from benchmarks.measure import speed_cost
+
+        at_batch = {k: speed_cost(m, args.batch)["flops"] for k, m in (("dense", dense), (label, small))}
+        report["speed_flops"] = {"batch": args.batch, **at_batch}
+        flops_reduction = at_batch["dense"] / at_batch[label]
+        speedups = {f"throughput (batch {args.batch})": ratio["throughput"]}
     report["check"] = {
         "flops_reduction": flops_reduction,
         "speedups": speedups,

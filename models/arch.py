@@ -308,10 +308,15 @@ def save_compressed(stem: str | Path, state_dict: Mapping[str, Tensor], arch: Ma
     return {"safetensors": st, "json": _sidecar(st), "pth": pth}
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(state dict, architecture or None) from a ``.safetensors`` (+ sidecar ``.json``) or ``.pth`` file."""
+def read_weights(
+    path: str | Path, extras: dict[str, Any] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(state dict, architecture or None) from a ``.safetensors`` (+ sidecar ``.json``) or ``.pth`` file; ``extras``
+    (when given) receives the file's top-level numbers and strings (e.g. the MADTP seed's ``temperature``)."""
     path = Path(path)
     obj = load_checkpoint_file(path)
+    if extras is not None:
+        extras.update({k: v for k, v in obj.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
     arch = None
     if path.suffix == ".safetensors":
         side = _sidecar(path)

@@ -305,6 +305,7 @@ class ClipTextTower(nn.Module):
             raise ValueError(f"{t} text tokens exceed the context length {self.context_length}")
         x = self.token_embedding(ids) + self.pos_embed[:t]
         state = TokenState.start(causal=True) if state is None else state
+        state.scratch["keep_positions"] = ids.argmax(dim=-1)  # the end-of-text token, where the text is pooled
         for block in self.blocks:
             x, state = block(x, state)
         return (norm or self.norm)(x), state
@@ -481,8 +482,8 @@ class ClipRetrieval(nn.Module):
         towers = [(self.visual, self.text)] + ([(self.visual_m, self.text_m)] if momentum else [])
         for visual, text in towers:
             cost = cost + vit_cost(visual, n, grid)[0] + linear(n, *visual.proj.shape)
-            cost = cost + blocks_cost(text.blocks, n, ctx, what="the text tower")[0]
-            cost = cost + layer_norm(n * ctx, text.norm.normalized_shape[0]) + linear(n, *text.proj.shape)
+            text_cost, out = blocks_cost(text.blocks, n, ctx, what="the text tower")
+            cost = cost + text_cost + layer_norm(n * out, text.norm.normalized_shape[0]) + linear(n, *text.proj.shape)
         return cost
 
     def _step_probe(self, images: Tensor, captions: list[str], idx: Tensor) -> Probe:

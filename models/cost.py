@@ -21,8 +21,9 @@ Layers:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CountLog",
     "Cost",
     "DynamicSchedule",
     "Probe",
@@ -42,6 +44,8 @@ __all__ = [
     "layer_norm",
     "linear",
     "lm_head_cost",
+    "recorded_counts",
+    "replayed_counts",
     "token_schedule",
     "vit_block_cost",
     "vit_cost",
@@ -199,11 +203,80 @@ def token_schedule(blocks: Sequence[nn.Module], tokens: int, what: str = "the mo
     return out
 
 
+class CountLog:
+    """Token counts that forwards recorded, per block, in call order (:func:`recorded_counts`)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, list[tuple[int, int, int]]] = {}
+        self.names: dict[int, str] = {}
+
+    def pop(self, blocks: Sequence[nn.Module], what: str) -> dict[int, tuple[int, int, int]]:
+        """The counts of the next recorded call of the encoder made of ``blocks``."""
+        out = {}
+        for block in blocks:
+            if not isinstance(getattr(block, "token_hooks", None), list):  # a skipped block
+                out[block.index] = (0, 0, 0)
+                continue
+            queue = self.calls.get(id(block))
+            if not queue:
+                raise ValueError(f"{what}: no recorded forward left for {self.names.get(id(block), 'a block')}")
+            out[block.index] = queue.pop(0)
+        return out
+
+    def per_block(self) -> dict[str, list[tuple[int, int, int]]]:
+        """``{block path: [counts of each call]}`` (what is left to replay)."""
+        return {self.names[k]: list(v) for k, v in self.calls.items()}
+
+
+_REPLAY: list[CountLog] = []
+
+
+@contextlib.contextmanager
+def recorded_counts(model: nn.Module) -> Iterator[CountLog]:
+    """Record the token counts of every block forward of ``model`` while the context is open (forward hooks on the
+    blocks; each block's counts in call order)."""
+    log = CountLog()
+    handles = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "index") or not isinstance(getattr(module, "token_hooks", None), list):
+            continue
+        log.names[id(module)] = name
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            state = output[1] if isinstance(output, tuple) and len(output) == 2 else None
+            counts = getattr(state, "counts", None)
+            if counts is not None and module.index in counts:
+                log.calls.setdefault(id(module), []).append(tuple(counts[module.index]))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield log
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replayed_counts(log: CountLog) -> Iterator[CountLog]:
+    """While open, the analytic cost of an encoder whose token counts depend on the input takes them from ``log``
+    (the encoder's next recorded call), so a probe's ``analytic`` costs the forward that was just run."""
+    _REPLAY.append(log)
+    try:
+        yield log
+    finally:
+        _REPLAY.pop()
+
+
 def _schedule(
     blocks: Sequence[nn.Module], tokens: int, counts: Mapping[int, tuple[int, int, int]] | None, what: str
 ) -> list[tuple[int, int, int]]:
     if counts is None:
-        return token_schedule(blocks, tokens, what)
+        try:
+            return token_schedule(blocks, tokens, what)
+        except DynamicSchedule:
+            if not _REPLAY:
+                raise
+            counts = _REPLAY[-1].pop(blocks, what)
     missing = [i for i in range(len(blocks)) if i not in counts]
     if missing:
         raise ValueError(f"{what}: the recorded token counts lack blocks {missing}")

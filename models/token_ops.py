@@ -16,6 +16,11 @@ code. Each is a token hook of :mod:`models.token_state` with a ``spec()`` (its s
 * :class:`ToMeReducer` (Bolya et al., ICLR 2023): merge ``r`` tokens by bipartite soft matching on the
   head-averaged keys, size-weighted, sizes carried between blocks, proportional attention optional
   (facebookresearch/ToMe: tome/merge.py, tome/patch/timm.py).
+* :class:`MADTPReducer` (Cao et al., CVPR 2024): score the block input against alignment tokens shared by every
+  reducing block of every tower (:class:`AlignmentTokens`, MADTP's ``space_dict``), then keep the tokens whose
+  importance (:func:`madtp_importance`) clears a per-sample threshold set by a temperature
+  (:func:`madtp_keep_count`) and fuse the rest into one importance-weighted token (double125/MADTP:
+  models/vit.py ``Block.Reduce_token``, models/utils.py ``Query_model``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from .token_state import POINTS, HookContext, TokenState
 
 __all__ = [
     "REDUCERS",
+    "AlignmentTokens",
     "EViTReducer",
+    "MADTPReducer",
     "MergePlan",
     "ToMeReducer",
     "attach_reducers",
@@ -42,6 +49,8 @@ __all__ = [
     "fuse_tokens",
     "gather_tokens",
     "keep_topk",
+    "madtp_importance",
+    "madtp_keep_count",
     "pad_tokens",
     "reducer_specs",
     "remove_reducers",
@@ -324,7 +333,214 @@ class ToMeReducer(Reducer):
         return x, new
 
 
-REDUCERS: dict[str, type[Reducer]] = {"evit": EViTReducer, "tome": ToMeReducer}
+# ------------------------------------------------------------------------------------------------ MADTP
+
+_EPS = 1e-8  # the seed's guard in every normalisation
+
+
+def madtp_importance(probs: Tensor, head_out: Tensor, match: Tensor) -> Tensor:
+    """MADTP's token importance (B, N) of the N tokens after the first (spec madtp.md 3.1), the mean of:
+
+    * the attention each token receives: the max over heads of ``probs`` (B, H, 1 + N, 1 + N), summed over the
+      non-first queries, normalised over the tokens;
+    * the first token's attention to it, each head weighted by the norm of its output at that token (``head_out``,
+      (B, H, 1 + N, d), each head's context before the projection) over all heads' norms;
+    * its best raw match with an alignment token (``match`` (B, N, M), unscaled dot products), normalised over the
+      tokens.
+    """
+    s_self = probs[:, :, 1:, 1:].amax(dim=1).sum(dim=1)
+    s_self = s_self / (s_self.sum(dim=1, keepdim=True) + _EPS)
+    norms = head_out[:, :, 1:].norm(dim=-1)  # (B, H, N)
+    weights = norms / (norms.sum(dim=1, keepdim=True) + _EPS)
+    s_cls = (probs[:, :, 0, 1:] * weights).sum(dim=1)
+    s_mag = match.amax(dim=-1)
+    s_mag = s_mag / (s_mag.sum(dim=1, keepdim=True) + _EPS)
+    return (s_self + s_cls + s_mag) / 3.0
+
+
+def madtp_keep_count(importance: Tensor, match: Tensor, temperature: float) -> Tensor:
+    """Per sample (B,), how many tokens clear MADTP's threshold (spec 3.2): each alignment token's softmax over the
+    tokens of ``match / temperature`` (B, N, M) averages the ``importance`` (B, N); the threshold is the smallest of
+    these averages. A larger temperature flattens the softmaxes, raises the threshold towards the mean importance
+    and keeps fewer tokens."""
+    attention = (match.float() / temperature).softmax(dim=1)  # (B, N, M): over the tokens
+    average = (attention * importance.float()[..., None]).sum(dim=1)  # (B, M); elementwise, as the counted cost
+    threshold = average.amin(dim=1, keepdim=True)
+    return (importance > threshold).sum(dim=1)
+
+
+class AlignmentTokens(nn.Module):
+    """MADTP's alignment tokens: one (``num`` x ``dim``) matrix (the seed's ``space_dict``, initialised N(0, 1))
+    read by every reducing block of every tower, momentum towers included, and, where token widths differ from
+    ``dim`` (CLIP), one Linear per block (``q_maps``, keyed by tower and block) mapping tokens to ``dim``.
+
+    While the module trains with gradients on, each encoder forward that reaches a :class:`MADTPReducer` leaves one
+    record in :attr:`calls`: ``{"tower": path, "features": (B, num, dim)}``, the sum over its blocks of the tokens
+    pooled by each alignment token (the seed's ``sd_img_ft_all`` / text features), from which MADTP's alignment loss
+    is computed; the training side reads and clears it."""
+
+    def __init__(self, num: int = 100, dim: int = 768) -> None:
+        super().__init__()
+        self.space_dict = nn.Parameter(torch.randn(num, dim))
+        self.q_maps = nn.ModuleDict()
+        self.calls: list[dict[str, Any]] = []
+
+    @property
+    def recording(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def q_map(self, key: str, in_dim: int) -> nn.Linear:
+        """The projection of ``key`` (created Linear(in_dim, dim) on first use; attach before building the
+        optimizer, and before loading a state dict that holds it)."""
+        if key not in self.q_maps:
+            self.q_maps[key] = nn.Linear(in_dim, self.space_dict.shape[1]).to(self.space_dict.device)
+        linear = self.q_maps[key]
+        if linear.in_features != in_dim:
+            raise ValueError(f"alignment projection {key} maps {linear.in_features} features, not {in_dim}")
+        return linear
+
+
+class MADTPReducer(Reducer):
+    """MADTP's dynamic token pruning in one block (spec madtp.md 1-3).
+
+    At ``pre_attn`` the tokens after the first (the block input, through the block's ``q_map`` when it has one) are
+    matched with the alignment tokens: ``match = q @ space_dict.T`` (B, N, M); at ``point`` (after the attention
+    residual in a ViT or CLIP block, after the self-attention in a BERT layer) :func:`madtp_importance` and
+    :func:`madtp_keep_count` decide ``K``, the batch's largest count: every sample keeps its ``K`` most important
+    tokens, in their original order, and the others are fused into one token appended last, their mean weighted by
+    importance. The layer passes its tokens through when ``K <= max_keep`` or fewer than two would be fused; with
+    ``keep_marked`` the tokens at the positions ``state.scratch["keep_positions"]`` (B,) (CLIP's end-of-text token)
+    are always kept and the limit becomes the largest such input position + 2 (the seed's CLIP text rule). A
+    temperature of 0 switches the block off (the dense computation, nothing matched).
+
+    The token count depends on the input: the cost model reads it from a forward's recorded counts.
+    """
+
+    kind = "madtp"
+
+    def __init__(
+        self,
+        temperature: float,
+        point: str = "post_attn",
+        max_keep: int = 0,
+        keep_marked: bool = False,
+        q_map: str | None = None,
+        in_dim: int | None = None,
+        sd_num: int = 100,
+        sd_dim: int = 768,
+    ) -> None:
+        if float(temperature) < 0:
+            raise ValueError(f"madtp temperature must be >= 0 (0: off), got {temperature}")
+        if point not in POINTS[1:]:
+            raise ValueError(f"madtp prunes after attention ({POINTS[1:]}), not at {point!r}")
+        if q_map is not None and in_dim is None:
+            raise ValueError("a madtp q_map needs in_dim, the width of the tokens it maps")
+        self.temperature, self.point, self.max_keep = float(temperature), point, int(max_keep)
+        self.keep_marked, self.q_map, self.in_dim = bool(keep_marked), q_map, in_dim
+        self.sd_num, self.sd_dim = int(sd_num), int(sd_dim)
+        self.align: AlignmentTokens | None = None
+        self.tower = ""
+
+    @property
+    def active(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def also_at(self) -> tuple[str, ...]:
+        return ("pre_attn",) if self.active else ()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"probs", "head_out"}) if self.active else frozenset()
+
+    @property
+    def out_tokens(self):
+        # Off, the block keeps its tokens (a static schedule); on, only a forward knows (None: see models.cost).
+        return None if self.active else (lambda n: n)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "temperature": self.temperature, "point": self.point, "max_keep": self.max_keep,
+                "keep_marked": self.keep_marked, "q_map": self.q_map, "in_dim": self.in_dim, "sd_num": self.sd_num,
+                "sd_dim": self.sd_dim}  # fmt: skip
+
+    def bind(self, model: nn.Module, block_path: str = "") -> None:
+        """Reach the model's :class:`AlignmentTokens` (``model.madtp``, created when missing) and this block's
+        projection; ``block_path`` names the tower in the alignment records."""
+        align = getattr(model, "madtp", None)
+        if align is None:
+            align = AlignmentTokens(self.sd_num, self.sd_dim)
+            model.madtp = align
+        if tuple(align.space_dict.shape) != (self.sd_num, self.sd_dim):
+            raise ValueError(
+                f"madtp reducer of {block_path or 'a block'} expects {self.sd_num} x {self.sd_dim} alignment tokens, "
+                f"the model has {tuple(align.space_dict.shape)}"
+            )
+        if self.q_map is not None:
+            align.q_map(self.q_map, self.in_dim)
+        self.align = align
+        self.tower = block_path.rsplit(".", 2)[0] if block_path else ""
+
+    def macs(self, n: int, head_dim: int) -> int:
+        """The match of ``n - 1`` tokens with the alignment tokens, and their projection (inference; the pooled
+        features exist only in training)."""
+        if not self.active:
+            return 0
+        rows = n - 1
+        return rows * self.sd_num * self.sd_dim + (rows * self.in_dim * self.sd_dim if self.q_map else 0)
+
+    def _match(self, x: Tensor, state: TokenState, ctx: HookContext) -> None:
+        align = self.align
+        if align is None:
+            raise RuntimeError("a MADTPReducer must be bound to its model (bind) before it runs")
+        q = x[:, 1:]
+        if self.q_map is not None:
+            q = align.q_maps[self.q_map](q)
+        sd = align.space_dict.to(q.dtype)
+        match = torch.matmul(q, sd.t())  # (B, N, M), unscaled
+        state.scratch[f"madtp_match{ctx.block}"] = match
+        if align.recording:
+            pool = (match / math.sqrt(self.sd_dim)).softmax(dim=1)
+            pooled = torch.matmul(pool.transpose(1, 2), q)  # (B, M, dim)
+            record = state.scratch.get("madtp_record")
+            if record is None:  # the first reducing block of this encoder forward
+                record = {"tower": self.tower, "features": pooled}
+                state.scratch["madtp_record"] = record
+                align.calls.append(record)
+            else:
+                record["features"] = record["features"] + pooled
+
+    def __call__(self, x: Tensor, state: TokenState, ctx: HookContext) -> tuple[Tensor, TokenState]:
+        if not self.active:
+            return x, state
+        if ctx.point == "pre_attn":
+            self._match(x, state, ctx)
+            return x, state
+        match = state.scratch.pop(f"madtp_match{ctx.block}")
+        importance = madtp_importance(ctx.probs, ctx.head_out, match)
+        n = importance.shape[1]
+        k = int(madtp_keep_count(importance, match, self.temperature).max())
+        limit, rank = self.max_keep, importance
+        if self.keep_marked:
+            marked = state.token_positions(x)[:, 1:] == state.scratch["keep_positions"][:, None]
+            if not bool(marked.any(dim=1).all()):
+                raise ValueError("madtp: a marked token (CLIP's end of text) is no longer among the tokens")
+            # The seed's CLIP text rule, in input positions: the largest end-of-text position + 2, in every layer.
+            limit = max(limit, int(state.scratch["keep_positions"].max()) + 2)
+            rank = importance.masked_fill(marked, math.inf)
+        if k < 1 or k <= limit or n - k <= 1:
+            return x, state
+        keep = keep_topk(rank, k)
+        rest = complement(keep, n)
+        first = torch.zeros(x.shape[0], 1, dtype=keep.dtype, device=x.device)
+        index = torch.cat([first, keep + 1], dim=1)
+        weights = importance.gather(1, rest)
+        weights = weights / (weights.sum(dim=1, keepdim=True) + _EPS)
+        fused = fuse_tokens(gather_tokens(x[:, 1:], rest), weights)
+        out = torch.cat([gather_tokens(x, index), fused], dim=1)
+        return out, _append_fused(state.select(index), state, rest + 1)
+
+
+REDUCERS: dict[str, type[Reducer]] = {"evit": EViTReducer, "tome": ToMeReducer, "madtp": MADTPReducer}
 
 
 def build_reducer(spec: Mapping[str, Any], where: str = "") -> Reducer:
@@ -367,4 +583,8 @@ def attach_reducers(model: nn.Module, specs: Mapping[str, Sequence[Mapping[str, 
         raise ValueError(f"{source}: token reducers for {unknown[:3]}, which are not blocks of the model")
     remove_reducers(model)
     for name, items in specs.items():
-        blocks[name].token_hooks.extend(build_reducer(s, f"{source}: {name}: ") for s in items)
+        for spec in items:
+            reducer = build_reducer(spec, f"{source}: {name}: ")
+            if hasattr(reducer, "bind"):  # a reducer with weights in the model (MADTP's alignment tokens)
+                reducer.bind(model, name)
+            blocks[name].token_hooks.append(reducer)

@@ -15,8 +15,11 @@ Blocks call their token hooks at three points, the same in every block type (:da
 
 A hook is any callable ``hook(x, state, ctx) -> (x, state)`` with two attributes: ``point`` (one of
 :data:`POINTS`) and ``needs`` (a subset of :data:`NEEDS`: what the block must hand it in ``ctx``: the
-self-attention probabilities, keys, or each head's output before the projection). A hook that drops, fuses or
-merges tokens returns features and a state of the new length; :func:`run_hooks` checks that they agree.
+self-attention probabilities, keys, or each head's output before the projection). A hook may also observe
+earlier points of the block (``also_at``, e.g. MADTP scores the block input at ``pre_attn`` and reduces after
+attention); it is called there too, with ``ctx.point`` saying where, and must not change the tokens there. A hook
+that drops, fuses or merges tokens returns features and a state of the new length; :func:`run_hooks` checks that
+they agree.
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ def run_hooks(
     if point == POINTS[0]:
         check_hooks(hooks, f"block {ctx.block}: ")
     for hook in hooks:
-        if hook.point != point:
+        if hook.point != point and point not in getattr(hook, "also_at", ()):
             continue
         x, state = hook(x, state, ctx)
         state.check(x, f"block {ctx.block}, {point}: ")
@@ -244,6 +247,9 @@ def check_hooks(hooks: Sequence[Any], owner: str = "") -> list[Any]:
         point = getattr(hook, "point", None)
         if point not in POINTS:
             raise ValueError(f"{owner}token hook {hook!r} has point {point!r}; expected one of {POINTS}")
+        also = set(getattr(hook, "also_at", ())) - set(POINTS)
+        if also:
+            raise ValueError(f"{owner}token hook {hook!r} also observes unknown points {sorted(also)}")
         unknown = set(getattr(hook, "needs", ())) - NEEDS
         if unknown:
             raise ValueError(f"{owner}token hook {hook!r} needs {sorted(unknown)}; a block can give {sorted(NEEDS)}")

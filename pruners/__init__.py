@@ -6,12 +6,20 @@ from typing import Any
 
 from pruners.base import Pruner
 from pruners.evit import EViT
+from pruners.madtp import MADTP
 from pruners.platon import Platon
 from pruners.tome import ToMe
 from pruners.upop import UPop
 
 # name -> class; "none" trains and evaluates the dense model.
-PRUNERS: dict[str, type[Pruner] | None] = {"none": None, "upop": UPop, "platon": Platon, "evit": EViT, "tome": ToMe}
+PRUNERS: dict[str, type[Pruner] | None] = {
+    "none": None,
+    "upop": UPop,
+    "platon": Platon,
+    "evit": EViT,
+    "tome": ToMe,
+    "madtp": MADTP,
+}
 
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start
 # from, and one section of options per pruner (its DEFAULTS).

@@ -79,6 +79,13 @@ class Pruner:
         cleared: ``step`` counts from 1 to ``total``, the phase's optimizer steps; ``lr`` is the learning rate
         that step used (of the first parameter group)."""
 
+    # The evaluation split whose main metric selects the best epoch (None: "val" when the run has it).
+    selection_split: str | None = None
+
+    def epoch_start(self, epoch: int, engine: Any) -> None:
+        """Called before every training epoch of a phase the pruner acts in (MADTP's controller moves its
+        temperature here, from the cost measured after the last epoch)."""
+
     def epoch_end(self, epoch: int, engine: Any) -> None:
         """Called after every training epoch, before evaluation."""
 

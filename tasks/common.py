@@ -69,7 +69,12 @@ def blip_loader(task: str, reset_momentum: bool = False) -> Callable:
         from models.checkpoints import load_blip_checkpoint
 
         # A compressed checkpoint first cuts the dense model to its widths (described, or inferred on request).
-        sd, arch = read_weights(path)
+        extras: dict[str, Any] = {}
+        sd, arch = read_weights(path, extras)
+        if arch is None and ("space_dict" in sd or "temperature" in extras):  # the MADTP seed's files
+            from models.madtp import from_release
+
+            sd, arch = from_release(model, sd, extras, str(path))
         fit_to_checkpoint(model, sd, arch, str(path), infer=config.get("infer_arch", False))
         load_blip_checkpoint(model, sd, task, reset_momentum=reset_momentum, source=str(path), evaluate=evaluate)
 

@@ -58,6 +58,14 @@ def _run(model, batch):
     return model(images.to(device, non_blocking=True), text, **extra), labels, text
 
 
+def _image_rows(batch) -> torch.Tensor:
+    """(B, 2): the rows of the image encoder's batch that each statement reads (its two images)."""
+    if isinstance(batch, NLVRPairBatch):
+        return batch.pairs
+    n = len(batch[2])
+    return torch.stack([torch.arange(n), torch.arange(n, 2 * n)], dim=1)
+
+
 def build_model(config: Mapping) -> BlipNLVR:
     return BlipNLVR(config, image_size=config["image_size"])
 
@@ -69,7 +77,7 @@ class NLVRTask:
     def train_step(self, model, batch, info) -> dict[str, torch.Tensor]:
         logits, labels, _ = _run(model, batch)
         loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-        return {"loss": loss, "logits": logits}
+        return {"loss": loss, "logits": logits, "image_rows": _image_rows(batch)}
 
     def teacher_logits(self, teacher, batch) -> torch.Tensor:
         return _run(teacher, batch)[0]

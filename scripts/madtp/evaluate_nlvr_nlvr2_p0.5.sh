@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Evaluates MADTP nlvr_nlvr2_p0.5 (the seed's released file, or CKPT=path; default pretrained/model_base_nlvr_nlvr2_p0.5_compressed.pth).
+exec "$(dirname "$0")/run.sh" evaluate nlvr configs/nlvr.yaml "${CKPT:-pretrained/model_base_nlvr_nlvr2_p0.5_compressed.pth}" output/madtp/nlvr_nlvr2_p0.5_eval --set batch_size_test=32 "$@"
