@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import utils
 from models.token_ops import MADTPReducer, attach_reducers
 from pruners.base import Pruner
-import utils
 from utils import log
 
 __all__ = ["CALIBRATION", "CONTROLLERS", "MADTP", "temperature_step"]
