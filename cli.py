@@ -81,7 +81,13 @@ def build_parser(task: str, description: str = "") -> argparse.ArgumentParser:
         "the new run has written its first checkpoint, not before",
     )
     p.add_argument("--pruner", default="none", choices=sorted(PRUNERS), help="compression method")
-    p.add_argument("--p", type=float, default=None, help="pruning ratio / target (method-specific)")
+    p.add_argument(
+        "--p",
+        type=float,
+        default=None,
+        help="the share to remove, in the pruner's terms: UPop its mask budget, PLATON the masked weights, "
+        "EViT / ToMe / MADTP the FLOPs",
+    )
     p.add_argument("--epoch", type=int, default=None, help="number of epochs (overrides max_epoch)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
