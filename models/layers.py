@@ -78,7 +78,8 @@ def attention(
     if not need_probs:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         return ctx, None
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    # The scale on q (B, H, T, d), not on the (B, H, T, T) scores: one pass less over the largest tensor (timm's order).
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         scores = scores + mask
     probs = scores.softmax(dim=-1)

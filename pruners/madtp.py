@@ -132,18 +132,19 @@ class MADTP(Pruner):
         self.model: nn.Module | None = None
         self.reducers: list[MADTPReducer] = []
         self._last_sim: float | None = None
+        self._towers: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> None:
-        from models.madtp import reducer_plan
+        from models.madtp import encoders, reducer_plan
 
         self.model = model
+        # Encoder path -> modality, to tell the alignment records of the image and the text encoder apart.
+        self._towers = {path: mod for mod, found in encoders(model).items() for path, _ in found}
         sd_dim = self.opts["sd_dim"]
         if sd_dim is None:
             if self.opts["q_map"]:
                 raise ValueError("madtp.q_map maps tokens to madtp.sd_dim: give sd_dim (768 in the seed)")
-            from models.madtp import encoders
-
             widths = {
                 (m.blocks[0].attn.dim if hasattr(m, "blocks") else m.config.hidden_size)
                 for t in self.towers
@@ -283,10 +284,6 @@ class MADTP(Pruner):
         return None
 
     def _modality(self, tower: str) -> str:
-        from models.madtp import encoders
-
-        if not hasattr(self, "_towers"):
-            self._towers = {p: mod for mod, found in encoders(self.model).items() for p, _ in found}
         for path, modality in self._towers.items():
             if tower == path or tower.startswith(f"{path}.") or (not path and tower in ("blocks", "")):
                 return modality
