@@ -153,6 +153,11 @@ class MADTP(Pruner):
             if len(widths) != 1:
                 raise ValueError(f"madtp: the towers' widths differ ({sorted(widths)}): set madtp.sd_dim and q_map")
             sd_dim = widths.pop()
+        loaded = [h.temperature for _, m in model.named_modules() for h in getattr(m, "token_hooks", None) or []
+                  if isinstance(h, MADTPReducer)]  # fmt: skip
+        if loaded:  # a MADTP checkpoint (evaluated, or trained further) keeps its own temperature
+            self.temperature = max(loaded)
+            log.info("madtp: the loaded model prunes at T %.4g; starting there", self.temperature)
         plan = reducer_plan(model, self.temperature, self.opts["sd_num"], sd_dim, self.opts["q_map"], self.towers)
         existing = getattr(model, "madtp", None)
         attach_reducers(model, plan, "madtp")  # replaces other reducers; binds to model.madtp (created if missing)

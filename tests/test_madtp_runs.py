@@ -67,6 +67,12 @@ def test_madtp_trains_every_blip_task_and_its_checkpoint_evaluates_alone(setup, 
     argv = [str(a) for a in tiny_args(setup, tmp_path / "eval", task)]
     again = cli.main(task, argv=argv + ["--evaluate", "--pretrained", res["compressed_checkpoint"]])
     assert again["metrics"] == res["metrics"]
+    if task == "nlvr":  # with the pruner named too, the checkpoint's temperature still rules
+        argv = [str(a) for a in tiny_args(setup, tmp_path / "eval2", task)] + madtp_args()
+        argv += ["--set", "madtp.temperature_init=0.01", "--evaluate", "--pretrained", res["compressed_checkpoint"]]
+        named = cli.main(task, argv=argv)
+        assert named["pruner_report"]["temperature"] == res["pruner_report"]["temperature"] != 0.01
+        assert named["metrics"] == res["metrics"]
 
 
 @pytest.mark.slow
