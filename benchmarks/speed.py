@@ -84,14 +84,13 @@ def _madtp(model: nn.Module, args: argparse.Namespace) -> str:
     ``args.madtp_p`` of the FLOPs of the inference call at ``args.batch``; returns a line saying how."""
     from benchmarks.measure import speed_cost
     from models.madtp import reducer_plan
-    from models.token_ops import MADTPReducer, attach_reducers
+    from models.madtp import reducers as madtp_reducers
+    from models.token_ops import attach_reducers
 
     clip = hasattr(model, "visual")  # CLIP's towers differ in width: per-block projections to 768, as the seed
     width = None if clip else model.visual_encoder.embed_dim
     attach_reducers(model, reducer_plan(model, 0.0, 100, 768 if clip else width, q_map=clip), "madtp")
-    reducers = [
-        h for m in model.modules() for h in getattr(m, "token_hooks", None) or [] if isinstance(h, MADTPReducer)
-    ]
+    reducers = madtp_reducers(model)
 
     def cost(t: float) -> float:
         for r in reducers:

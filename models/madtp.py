@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from utils import CheckpointError
 
-__all__ = ["encoders", "from_release", "reducer_plan"]
+__all__ = ["encoders", "from_release", "reducer_plan", "reducers"]
 
 
 def encoders(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -38,6 +38,13 @@ def encoders(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
         ):
             found["text"].append((name, m))
     return found
+
+
+def reducers(model: nn.Module) -> list[Any]:
+    """Every :class:`~models.token_ops.MADTPReducer` in the token hooks of ``model``'s blocks."""
+    from models.token_ops import MADTPReducer
+
+    return [h for m in model.modules() for h in getattr(m, "token_hooks", None) or [] if isinstance(h, MADTPReducer)]
 
 
 def _blocks(encoder: nn.Module) -> nn.ModuleList:

@@ -136,7 +136,7 @@ class MADTP(Pruner):
 
     # ------------------------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> None:
-        from models.madtp import encoders, reducer_plan
+        from models.madtp import encoders, reducer_plan, reducers
 
         self.model = model
         # Encoder path -> modality, to tell the alignment records of the image and the text encoder apart.
@@ -153,8 +153,7 @@ class MADTP(Pruner):
             if len(widths) != 1:
                 raise ValueError(f"madtp: the towers' widths differ ({sorted(widths)}): set madtp.sd_dim and q_map")
             sd_dim = widths.pop()
-        loaded = [h.temperature for _, m in model.named_modules() for h in getattr(m, "token_hooks", None) or []
-                  if isinstance(h, MADTPReducer)]  # fmt: skip
+        loaded = [h.temperature for h in reducers(model)]
         if loaded:  # a MADTP checkpoint (evaluated, or trained further) keeps its own temperature
             self.temperature = max(loaded)
             log.info("madtp: the loaded model prunes at T %.4g; starting there", self.temperature)
@@ -165,8 +164,7 @@ class MADTP(Pruner):
             log.info(
                 "madtp: %d alignment tokens of width %d, new (N(0, 1), as the seed)", *model.madtp.space_dict.shape
             )
-        self.reducers = [h for _, m in model.named_modules() for h in getattr(m, "token_hooks", []) or []
-                         if isinstance(h, MADTPReducer)]  # fmt: skip
+        self.reducers = reducers(model)
         log.info("madtp: %d reducing blocks, T %.4g, target: %.0f%% of the measured reference FLOPs",
                  len(self.reducers), self.temperature, 100 * (1 - self.p))  # fmt: skip
 

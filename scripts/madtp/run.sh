@@ -6,20 +6,5 @@
 # our own model_compressed.safetensors (+ .json with the temperature) / checkpoint_best.pth. The kept token counts
 # are batch maxima: evaluate at the seed's test batch (32 per GPU, VQA 16), which the scripts pass. DDP runs with
 # find_unused_parameters, as the seed: a layer that keeps all its tokens leaves its alignment match without gradient.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-mode=$1 task=$2 config=$3
-shift 3
-case $mode in
-  compress)
-    p=$1 epochs=$2 out=$3
-    shift 3
-    # "--" ends torchrun's own options: without it torchrun takes --p for an abbreviation of its flags.
-    exec torchrun --nproc_per_node="${NPROC:-8}" -- "compress_${task}.py" --config "$config" \
-      --pruner madtp --p "$p" --epoch "$epochs" --output_dir "$out" --set find_unused_parameters=true "$@" ;;
-  evaluate)
-    ckpt=$1 out=$2
-    shift 2
-    exec "${PYTHON:-python}" "compress_${task}.py" --config "$config" --evaluate --pretrained "$ckpt" --output_dir "$out" "$@" ;;
-  *) echo "usage: $0 compress|evaluate TASK CONFIG ..." >&2; exit 2 ;;
-esac
+if [ "${1:-}" = compress ]; then set -- "$@" --set find_unused_parameters=true; fi
+exec "$(dirname "$0")/../run_pruner.sh" madtp "$@"

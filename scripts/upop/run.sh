@@ -4,20 +4,4 @@
 #   run.sh evaluate TASK CONFIG CHECKPOINT OUT_DIR [more flags] evaluate a compressed checkpoint on one process
 # A compressed checkpoint is a released *_compressed.pth (architecture inferred from its shapes) or our own
 # model_compressed.safetensors (+ .json) / .pth. Keep the per-GPU batch and scale upop.interval if NPROC != 8.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-mode=$1 task=$2 config=$3
-shift 3
-case $mode in
-  compress)
-    p=$1 epochs=$2 out=$3
-    shift 3
-    # "--" ends torchrun's own options: without it torchrun takes --p for an abbreviation of its flags.
-    exec torchrun --nproc_per_node="${NPROC:-8}" -- "compress_${task}.py" --config "$config" \
-      --pruner upop --p "$p" --epoch "$epochs" --output_dir "$out" "$@" ;;
-  evaluate)
-    ckpt=$1 out=$2
-    shift 2
-    exec "${PYTHON:-python}" "compress_${task}.py" --config "$config" --evaluate --pretrained "$ckpt" --output_dir "$out" "$@" ;;
-  *) echo "usage: $0 compress|evaluate TASK CONFIG ..." >&2; exit 2 ;;
-esac
+exec "$(dirname "$0")/../run_pruner.sh" upop "$@"
