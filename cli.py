@@ -160,6 +160,9 @@ def resolve_config(task: str, args: argparse.Namespace) -> dict:
         if args.pretrained is None and config["pruner_pretrained"]:
             # Pruners start from the task-fine-tuned dense model, not from the pre-trained one.
             config["pretrained"] = config["pruner_pretrained"]
+        teacher = (config.get(pruner) or {}).get("teacher")
+        if teacher and not config["teacher"]["path"]:  # the pruner's own teacher (PuMer: the fine-tuned dense model)
+            config["teacher"]["path"] = registry.repo_file(teacher)
         epochs = (config.get(pruner) or {}).get("epochs")
         if args.epoch is None and epochs:  # the pruner's own epoch count (--epoch still wins)
             config["max_epoch"] = epochs

@@ -50,7 +50,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.05,
     "warmup_steps": 0,
     "warmup_lr": 0.0,
-    "lr_schedule": "cosine",  # cosine | constant
+    "warmup_ratio": 0.0,  # > 0: warm up over this fraction of the phase's optimizer steps (PuMer: 0.1)
+    "lr_schedule": "cosine",  # cosine | constant | linear (per step, to min_lr at the last step)
+    "adam_betas": [0.9, 0.999],  # AdamW betas (PuMer: 0.9, 0.98)
     "lr_per_step": False,  # False: the seeds' per-epoch cosine
     "accum_steps": 1,
     "amp": False,  # bf16 autocast
@@ -78,7 +80,9 @@ ENGINE_CHECKS: dict[str, tuple[Any, str]] = {
     "warmup_steps": (lambda v: v >= 0, "at least 0"),
     "grad_clip": (lambda v: v >= 0, "at least 0 (0 = off)"),
     "num_workers": (lambda v: v >= 0, "at least 0"),
-    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant", "linear"), "cosine, constant or linear"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "amp_dtype": (lambda v: v in ("bfloat16", "float16"), "bfloat16 or float16"),
 }
 
@@ -146,7 +150,9 @@ class EngineConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 0
     warmup_lr: float = 0.0
+    warmup_ratio: float = 0.0
     lr_schedule: str = "cosine"
+    adam_betas: tuple = (0.9, 0.999)
     lr_per_step: bool = False
     accum_steps: int = 1
     amp: bool = False
@@ -185,7 +191,7 @@ class PhaseSpec:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"phase {self.name} needs at least one epoch, got {self.epochs}")
-        if self.lr_schedule not in (None, "constant", "cosine"):
+        if self.lr_schedule not in (None, "constant", "cosine", "linear"):
             raise ValueError(f"phase {self.name}: unknown lr_schedule {self.lr_schedule!r}")
         if self.evaluate not in ("every", "end"):
             raise ValueError(f"phase {self.name}: evaluate must be 'every' or 'end', got {self.evaluate!r}")
@@ -301,7 +307,12 @@ class Engine:
         groups = parameter_groups(
             self.model, named, self.cfg.weight_decay, self.cfg.no_decay_norm_bias, self.cfg.lr_mult
         )
-        return torch.optim.AdamW([*groups, *pruner_groups], lr=self.cfg.init_lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(
+            [*groups, *pruner_groups],
+            lr=self.cfg.init_lr,
+            weight_decay=self.cfg.weight_decay,
+            betas=tuple(float(b) for b in self.cfg.adam_betas),
+        )
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp)
@@ -385,7 +396,11 @@ class Engine:
             min_lr=self.cfg.min_lr,
             max_epoch=spec.epochs,
             steps_per_epoch=steps_per_epoch,
-            warmup_steps=self.cfg.warmup_steps,
+            warmup_steps=(
+                round(self.cfg.warmup_ratio * spec.epochs * steps_per_epoch)
+                if self.cfg.warmup_ratio > 0
+                else self.cfg.warmup_steps
+            ),
             warmup_lr=self.cfg.warmup_lr,
             per_step=self.cfg.lr_per_step,
             kind=spec.lr_schedule or self.cfg.lr_schedule,

@@ -244,10 +244,11 @@ def step_lr(epoch: int, init_lr: float, min_lr: float, rate: float) -> float:
 
 @dataclass
 class LRSchedule:
-    """Linear warm-up over ``warmup_steps`` optimizer steps, then cosine.
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then cosine (or constant, or linear).
 
     ``per_step=False`` (the seeds' recipe) evaluates the cosine at the epoch index, constant within an
-    epoch; ``per_step=True`` evaluates it at the fractional epoch of each step.
+    epoch; ``per_step=True`` evaluates it at the fractional epoch of each step. ``linear`` (PuMer's polynomial
+    decay of power 1) falls per step from ``init_lr`` at the end of the warm-up to ``min_lr`` at the last step.
     """
 
     init_lr: float
@@ -265,6 +266,10 @@ class LRSchedule:
             return warmup_lr(global_step, self.warmup_steps, self.warmup_lr, self.init_lr)
         if self.kind == "constant":
             return self.init_lr
+        if self.kind == "linear":
+            total = max(self.max_epoch * self.steps_per_epoch - self.warmup_steps, 1)
+            left = max(0.0, 1.0 - (global_step - self.warmup_steps) / total)
+            return self.min_lr + (self.init_lr - self.min_lr) * left
         t = epoch + (step_in_epoch / max(self.steps_per_epoch, 1) if self.per_step else 0.0)
         return cosine_lr(t, self.max_epoch, self.init_lr, self.min_lr)
 

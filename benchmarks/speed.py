@@ -14,7 +14,9 @@ alternation on the chosen device:
   projections) at ``--temperature``, or the temperature whose kept tokens remove ``--p`` of the FLOPs of the
   inference call at ``--batch`` (found by bisection; the keep counts are batch maxima, so the FLOPs depend on the
   batch and are measured at the batch that is timed);
-* ``upop+madtp``: UPop at ``--upop-p`` (the ``--ranking`` above), then MADTP on the compressed model as above.
+* ``upop+madtp``: UPop at ``--upop-p`` (the ``--ranking`` above), then MADTP on the compressed model as above;
+* ``pumer`` (ViLT): PuMer reducers at ``--reduce-layers`` with ``--prune-r``, ``--merge-r``, ``--merge-text``
+  (default: the released VQA setting, p 0.1, r 0.3, t 0.2 at blocks 2, 5, 8).
 
 The check: the measured speed-up (latency at batch 1, and throughput at ``--batch``) is at least
 ``--min-fraction`` of the FLOPs reduction.
@@ -23,6 +25,7 @@ The check: the measured speed-up (latency at batch 1, and throughput at ``--batc
     python -m benchmarks.speed evit --preset blip-nlvr --p 0.5 --device cpu
     python -m benchmarks.speed tome --preset deit-small --r 13 --device cpu --batch 16
     python -m benchmarks.speed madtp --preset blip-nlvr --p 0.5 --device cpu --batch 8
+    python -m benchmarks.speed pumer --preset vilt-vqa --device cpu --batch 32
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
             how += "; then " + _madtp(small, args)
     elif method == "madtp":
         how = _madtp(small, args)
+    elif method == "pumer":
+        from pruners.pumer import PuMer
+
+        options = {"prune_r": args.prune_r, "merge_r": args.merge_r, "merge_text": args.merge_text}
+        pruner = PuMer({"pumer": {**options, "reduce_layers": args.reduce_layers}})
+        pruner.attach(small)
+        how = f"PuMer p {args.prune_r} r {args.merge_r} t {args.merge_text} at blocks {args.reduce_layers}"
     elif method == "evit":
         options = {"locations": args.locations, "keep_rate": None if args.p is not None else args.keep_rate}
         pruner = EViT({"p": args.p, "evit": options})
@@ -112,7 +122,9 @@ def _madtp(model: nn.Module, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("method", choices=("upop", "evit", "tome", "madtp", "upop+madtp"), help="the compression method")
+    ap.add_argument(
+        "method", choices=("upop", "evit", "tome", "madtp", "upop+madtp", "pumer"), help="the compression method"
+    )
     ap.add_argument("--preset", default="blip-nlvr", choices=sorted(PRESETS), help="real-size model (random weights)")
     ap.add_argument("--p", type=float, default=None, help="upop: mask budget share; evit / tome: FLOPs share to remove")
     ap.add_argument("--round-to", type=int, default=1, help="upop: round kept widths up to a multiple of this")
@@ -128,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=None, help="madtp: the temperature (default: solved from --p)")
     ap.add_argument("--upop-p", type=float, default=0.5, help="upop+madtp: UPop's mask budget share")
     ap.add_argument("--search-steps", type=int, default=10, help="madtp: bisection steps for the temperature")
+    ap.add_argument("--prune-r", type=float, default=0.1, help="pumer: share of image tokens pruned per layer")
+    ap.add_argument("--merge-r", type=float, default=0.3, help="pumer: image merge share")
+    ap.add_argument("--merge-text", type=float, default=0.2, help="pumer: text merge share")
+    ap.add_argument("--reduce-layers", type=int, nargs="+", default=[2, 5, 8], help="pumer: blocks that reduce")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--batch", type=int, default=1, help="throughput batch (1: latency only)")

@@ -15,6 +15,7 @@ from data.imagenet import ImageNetDataset
 from data.nlvr import NLVRDataset, NLVRPairDataset, TextAssignmentDataset
 from data.transforms import RandomAugment, build_imagenet_transform, build_transform
 from data.utils import ImageLoadError, load_image, pre_caption, pre_question
+from data.ve import VEDataset
 from data.vqa import TRAIN_FILES, VQATestDataset, VQATrainDataset, vqa_collate_fn
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ImageNetDataset",
     "NLVRDataset",
     "TextAssignmentDataset",
+    "VEDataset",
     "RandomAugment",
     "RetrievalEvalDataset",
     "VQATestDataset",
@@ -41,7 +43,16 @@ __all__ = [
     "vqa_collate_fn",
 ]
 
-DATASETS = ("nlvr", "text_assignment", "caption_coco", "retrieval_coco", "retrieval_flickr", "vqa", "imagenet")
+DATASETS = (
+    "nlvr",
+    "text_assignment",
+    "caption_coco",
+    "retrieval_coco",
+    "retrieval_flickr",
+    "vqa",
+    "imagenet",
+    "ve",
+)
 
 
 def _require(config: Mapping, key: str, name: str) -> Any:
@@ -52,7 +63,7 @@ def _require(config: Mapping, key: str, name: str) -> Any:
 
 def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
     """Build the splits of one task: (train, val, test); VQA gives (train, test), ImageNet and text
-    assignment (train, val).
+    assignment (train, val), SNLI-VE ("ve") (train, dev, test).
 
     ``name`` is one of ``DATASETS``, or "retrieval" with ``config["dataset"]`` in {coco, flickr}.
     Reads ``image_root``, ``ann_root``, ``image_size``, and per task ``prompt`` (captioning),
@@ -94,6 +105,11 @@ def create_dataset(name: str, config: Mapping) -> tuple[Dataset, ...]:
         return tuple(
             cls(tf, image_root, ann_root, split, eval_swap=swap, swap_seed=seed)
             for tf, split in ((train_tf, "train"), (test_tf, "val"), (test_tf, "test"))
+        )
+    if name == "ve":
+        return tuple(
+            VEDataset(tf, image_root, ann_root, split)
+            for tf, split in ((train_tf, "train"), (test_tf, "dev"), (test_tf, "test"))
         )
     if name == "text_assignment":
         seed = int(config.get("seed") or 0)

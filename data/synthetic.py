@@ -7,10 +7,11 @@ statement, question and answer written about it is true by construction, and ``s
 that ground truth so it can be checked independently of the text generator.
 
 The world is written in the official annotation formats (Karpathy-style COCO captions with
-``coco_gt`` files, Flickr30k retrieval splits, NLVR2 pairs, VQAv2 / Visual Genome QA, an ImageNet
-ImageFolder tree) plus a small WordPiece vocabulary in the ``bert-base-uncased`` layout, so the real
-dataset classes read it unchanged. The attributes are few and the shapes large, so that a tiny
-transformer trained from scratch on a CPU learns every task within minutes.
+``coco_gt`` files, Flickr30k retrieval splits, NLVR2 pairs, VQAv2 / Visual Genome QA with ViLT's answer
+vocabulary, SNLI-VE, an ImageNet ImageFolder tree) plus a small WordPiece vocabulary in the
+``bert-base-uncased`` layout, so the real dataset classes read it unchanged. The attributes are few
+and the shapes large, so that a tiny transformer trained from scratch on a CPU learns every task within
+minutes.
 
 Layout written under ROOT::
 
@@ -18,9 +19,10 @@ Layout written under ROOT::
     scenes.json         {image path relative to ROOT: [{"shape", "color", "bbox"}, ...]}
     annotation/         coco_karpathy_{train,val,test}.json, coco_gt/coco_karpathy_{val,test}_gt.json,
                         flickr30k_{train,val,test}.json, nlvr_{train,dev,test}.json,
-                        vqa_{train,val,test}.json, vg_qa.json, answer_list.json
+                        vqa_{train,val,test}.json, vg_qa.json, answer_list.json,
+                        vqa2_ans2label.json, vqa2_label2ans.json, snli_ve_{train,dev,test}.jsonl
     coco/               train2014/, val2014/
-    flickr/             flickr30k-images/
+    flickr/             flickr30k-images/ (retrieval images, and SNLI-VE premises from id 900000000 on)
     nlvr/               train/, dev/, test1/
     vqa/                train2014/, val2014/, test2015/
     vg/                 image/
@@ -33,6 +35,9 @@ exclusive ``x1`` / ``y1``.
 Positions inside a picture ("on the left", "what shape is on the left?") appear in captions and VQA
 only. NLVR2 statements use "left" / "right" solely to name the left or right picture of the pair,
 because the NLVR2 loader swaps the two pictures at random and exchanges those two words.
+
+SNLI-VE hypotheses are left out of the WordPiece vocabulary (their new words, "made", "wood", split into
+letter pieces), so that adding the split did not change the token ids of models trained on older worlds.
 
 Usage::
 
@@ -59,8 +64,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data.utils import pre_caption
+from data.vqa import VOCAB_FILES, answer_vocab_files, build_answer_vocab
 
-VERSION = 4  # bumped whenever the generator writes different files for the same arguments
+VERSION = 5  # bumped whenever the generator writes different files for the same arguments
 
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -77,6 +83,8 @@ MIN_EVAL = 20
 MIN_IMAGE_SIZE = 24
 QUESTIONS_PER_IMAGE = 3
 NLVR_STATEMENTS_PER_PAIR = 2  # each yields one true and one false example
+VE_LABELS = ("entailment", "neutral", "contradiction")  # each premise image gets one hypothesis of each
+VE_FIRST_ID = 900_000_000  # Flickr30K_ID of the first SNLI-VE premise; retrieval images count up from 1000
 
 # Text the task scripts add around the world's own text; the vocabulary must cover it too.
 EXTRA_TEXT = ("a picture of",)
@@ -430,6 +438,45 @@ def _balanced_flags(rng: np.random.Generator, m: int) -> list[bool]:
     return [flags[i] for i in rng.permutation(m)]
 
 
+def _ve_there_is(color: str, shape: str) -> str:
+    return f"there is {_np(color, shape)}."
+
+
+def _ve_count(k: int) -> str:
+    return f"the image contains exactly {_count_phrase(k)}."
+
+
+def _ve_wood(color: str, shape: str) -> str:
+    return f"the {color} {shape} is made of wood."
+
+
+def ve_hypotheses(rng: np.random.Generator, scene: Scene, wood_contradiction: bool) -> dict[str, str]:
+    """One SNLI-VE hypothesis per label, each true to its label for ``scene``.
+
+    Entailment: a present object ("there is a red circle.") or the true count ("the image contains exactly two
+    shapes."). Neutral: "the {color} {shape} is made of wood." about a present object (the picture cannot say).
+    Contradiction: the wood sentence about an absent object when ``wood_contradiction``, else an absent object
+    or a wrong count. With half the contradictions of each kind, no sentence form tells the label: each form
+    goes with two labels, and the objects and counts it names are distributed alike under both.
+    """
+    present = list(scene.content)
+    absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+    k = len(present)
+
+    def pick(pool: Sequence):
+        return pool[int(rng.integers(len(pool)))]
+
+    entailment = _ve_there_is(*pick(present)) if rng.integers(2) == 0 else _ve_count(k)
+    neutral = _ve_wood(*pick(present))
+    if wood_contradiction:
+        contradiction = _ve_wood(*pick(absent))
+    elif rng.integers(2) == 0:
+        contradiction = _ve_there_is(*pick(absent))
+    else:
+        contradiction = _ve_count(pick([j for j in (1, 2, 3) if j != k]))
+    return {"entailment": entailment, "neutral": neutral, "contradiction": contradiction}
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -590,6 +637,44 @@ def _vqa_splits(world: _World, seed: int, n: int, n_eval: int) -> None:
     world.annotate("vg_qa.json", entries)
     world.annotate("answer_list.json", sorted(answers))
 
+    # ViLT's classifier vocabulary; every answer counts, since the world is small. The answers stay as the world's
+    # annotators write them ("two", not the normalised "2"): soft scores count the answers as written (PuMer), and
+    # the official accuracy compares unanimous answers unnormalised, so a normalised label would score nothing.
+    vocab_entries = [e for name in VOCAB_FILES for e in world.annotations[f"annotation/{name}.json"]]
+    for name, data in answer_vocab_files(build_answer_vocab(vocab_entries, min_count=1, normalize=False)).items():
+        world.annotate(name, data)
+
+
+def _ve_splits(world: _World, seed: int, n: int, n_eval: int) -> None:
+    """SNLI-VE in its official jsonl layout; premises are new Flickr30k-style pictures with a true caption.
+
+    Hypotheses are not added to ``world.texts``: the WordPiece vocabulary stays that of the worlds before this
+    split existed (its letter pieces spell the new words).
+    """
+    image_id = VE_FIRST_ID
+    for split, count in (("train", n), ("dev", n_eval), ("test", n_eval)):
+        rng = _rng(seed, "snli_ve", split)
+        entries = []
+        for wood_contradiction in _balanced_flags(rng, count):
+            flickr_id, image_id = str(image_id), image_id + 1
+            scene = _random_scene(rng, world.size)
+            world.add(f"flickr/flickr30k-images/{flickr_id}.jpg", scene)
+            texts = captions(scene, world.size)
+            premise = texts[int(rng.integers(len(texts)))]
+            hypotheses = ve_hypotheses(rng, scene, wood_contradiction)
+            for i in rng.permutation(len(VE_LABELS)):
+                label = VE_LABELS[i]
+                entries.append(
+                    {
+                        "pairID": f"{flickr_id}.jpg#0r1{label[0]}",  # the official "<image>.jpg#<caption>r1<e|n|c>"
+                        "Flickr30K_ID": flickr_id,
+                        "sentence1": premise,
+                        "sentence2": hypotheses[label],
+                        "gold_label": label,
+                    }
+                )
+        world.annotate(f"snli_ve_{split}.jsonl", entries)
+
 
 def _imagenet_splits(world: _World, seed: int, n: int, n_eval: int) -> None:
     for split, count in (("train", n), ("val", n_eval)):
@@ -610,16 +695,23 @@ def _build(n: int, image_size: int, seed: int, n_eval: int | None = None) -> _Wo
     _nlvr_splits(world, seed, n, n_eval)
     _vqa_splits(world, seed, n, n_eval)
     _imagenet_splits(world, seed, n, n_eval)
+    _ve_splits(world, seed, n, n_eval)
     return world
 
 
-def _entry_count(data: Any) -> int:
-    return len(data["annotations"]) if isinstance(data, dict) else len(data)
+def _entry_count(rel: str, data: Any) -> int:
+    # COCO ground-truth files count their captions; answer -> label maps count their answers.
+    return len(data["annotations"]) if rel.startswith("annotation/coco_gt/") else len(data)
 
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data) + "\n")
+
+
+def _write_jsonl(path: Path, entries: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
 
 
 def _write(
@@ -636,8 +728,8 @@ def _write(
 
     files: dict[str, int] = {}
     for rel, data in world.annotations.items():
-        _write_json(root / rel, data)
-        files[rel] = _entry_count(data)
+        (_write_jsonl if rel.endswith(".jsonl") else _write_json)(root / rel, data)
+        files[rel] = _entry_count(rel, data)
     scenes = {p: [o.to_json() for o in world.images[p].objects] for p in sorted(world.images)}
     _write_json(root / "scenes.json", scenes)
     files["scenes.json"] = len(scenes)
@@ -757,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m data.synthetic",
         description="Render the built-in shapes world: pictures of 1-3 coloured shapes with captions "
-        "(COCO, Flickr30k), NLVR2 statements, VQA / Visual Genome questions, an ImageNet-style "
+        "(COCO, Flickr30k), NLVR2 statements, VQA / Visual Genome questions, SNLI-VE hypotheses, an ImageNet-style "
         "class tree and a WordPiece vocabulary, all in the official annotation formats. "
         "The same arguments always give the same files.",
     )

@@ -1,17 +1,31 @@
-"""VQAv2 (+ Visual Genome QA for training): questions over COCO images, ranked against an answer list."""
+"""VQAv2 (+ Visual Genome QA for training): questions over COCO images, ranked against an answer list.
+
+Also builds ViLT's classifier vocabulary (``vqa2_ans2label.json`` / ``vqa2_label2ans.json``) from the
+annotation::
+
+    python -m data.vqa --make-vocab --ann_root DIR [--files vqa_train vqa_val] [--min_count 9] [--out DIR]
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from data.utils import AnnotationDataset, Transform, load_annotation, pre_question
+from tasks.metrics import normalize_vqa_answer
 
 TRAIN_FILES = ("vqa_train", "vqa_val", "vg_qa")
 VG_ANSWER_WEIGHT = 0.2
+VOCAB_FILES = ("vqa_train", "vqa_val")  # ViLT's answer vocabulary counts train + val questions
+ANS2LABEL_FILE = "vqa2_ans2label.json"
+LABEL2ANS_FILE = "vqa2_label2ans.json"
 
 
 def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
@@ -104,6 +118,86 @@ class VQATestDataset(_VQABase):
         return self._image(index), pre_question(ann["question"]), ann["question_id"]
 
 
+def majority_answer(answers: Sequence[str], normalize: bool = True) -> str:
+    """The most frequent of one question's annotator answers after :func:`normalize_vqa_answer` (VQAv2's
+    "multiple_choice_answer", normalised; ``normalize=False``: as written); a tie goes to the answer seen first."""
+    counts = Counter(normalize_vqa_answer(a) if normalize else a for a in answers)
+    return max(counts, key=counts.__getitem__)  # max keeps the first of equal counts: first seen
+
+
+def build_answer_vocab(
+    annotation_entries: Iterable[Mapping[str, Any]], min_count: int = 9, normalize: bool = True
+) -> list[str]:
+    """ViLT's VQA answer vocabulary: every normalised answer that is the majority answer
+    (:func:`majority_answer`) of at least ``min_count`` questions, by descending count, ties alphabetical.
+
+    Entries are in the annotation format read here: ``"answer"`` is the list of annotator answers (a single
+    string, as in Visual Genome QA, counts as one answer). Answers are normalised as the VQA evaluation does,
+    so number words become digits ("two" -> "2"), articles go ("a dog" -> "dog"). PuMer's soft scores count the
+    annotator answers as written against these labels (VQAv2's annotators mostly write digits); with
+    ``normalize=False`` the labels are the answers as written.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    counts: Counter[str] = Counter()
+    for index, entry in enumerate(annotation_entries):
+        answers = entry.get("answer")
+        if isinstance(answers, str):
+            answers = [answers]
+        if not answers:
+            raise ValueError(f"annotation entry {index} has no answers: {entry}")
+        counts[majority_answer(answers, normalize)] += 1
+    kept = [answer for answer, count in counts.items() if count >= min_count]
+    return sorted(kept, key=lambda answer: (-counts[answer], answer))
+
+
+def answer_vocab_files(vocab: Sequence[str]) -> dict[str, Any]:
+    """The two files of a vocabulary, by name: ``vqa2_ans2label.json`` (answer -> index) and
+    ``vqa2_label2ans.json`` (the list)."""
+    return {ANS2LABEL_FILE: {answer: i for i, answer in enumerate(vocab)}, LABEL2ANS_FILE: list(vocab)}
+
+
+def make_answer_vocab(
+    ann_root: str | os.PathLike,
+    files: Sequence[str] = VOCAB_FILES,
+    min_count: int = 9,
+    out: str | os.PathLike | None = None,
+) -> list[str]:
+    """Build the vocabulary from ``ann_root/<file>.json`` for each of ``files`` and write its two files to
+    ``out`` (default: ``ann_root``)."""
+    entries: list = []
+    for name in files:
+        entries += load_annotation(ann_root, name if name.endswith(".json") else f"{name}.json")[0]
+    vocab = build_answer_vocab(entries, min_count)
+    out_dir = Path(ann_root if out is None else out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in answer_vocab_files(vocab).items():
+        (out_dir / name).write_text(json.dumps(data) + "\n")
+    return vocab
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.vqa",
+        description=f"Write ViLT's VQA answer vocabulary ({ANS2LABEL_FILE}, {LABEL2ANS_FILE}): the normalised "
+        "majority answers of at least --min_count questions of the given annotation files.",
+    )
+    parser.add_argument("--make-vocab", action="store_true", required=True, help="build the answer vocabulary")
+    parser.add_argument("--ann_root", required=True, type=Path, help="directory holding the annotation files")
+    parser.add_argument(
+        "--files", nargs="+", default=list(VOCAB_FILES), help="annotation files, without .json (default: %(default)s)"
+    )
+    parser.add_argument("--min_count", type=int, default=9, help="questions an answer needs (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the two files (default: --ann_root)")
+    args = parser.parse_args(argv)
+    try:
+        vocab = make_answer_vocab(args.ann_root, args.files, args.min_count, args.out)
+    except (OSError, ValueError, TypeError) as e:
+        parser.error(str(e))
+    print(f"{len(vocab)} answers -> {args.out or args.ann_root}")
+    return vocab
+
+
 def vqa_collate_fn(batch):
     """(stacked images, questions, flat answers, flat float weights, answers per question)."""
     images, questions, answers, weights, counts = [], [], [], [], []
@@ -114,3 +208,7 @@ def vqa_collate_fn(batch):
         weights.extend(item_weights)
         counts.append(len(item_answers))
     return torch.stack(images), questions, answers, torch.tensor(weights, dtype=torch.float32), counts
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .token_state import HookContext, TokenHook, TokenState, hooks_need, run_hooks
+from .token_state import HookContext, KeyWeights, TokenHook, TokenState, hooks_need, run_hooks
 
 __all__ = [
     "Attention",
@@ -57,7 +57,7 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor | None = None,
+    mask: Tensor | KeyWeights | None = None,
     scale: float | None = None,
     need_probs: bool = False,
     dropout_p: float = 0.0,
@@ -65,12 +65,17 @@ def attention(
     """Scaled dot-product attention over ``(B, H, T, d)`` tensors.
 
     ``mask`` is *additive* (0 to attend, a large negative number or ``-inf`` to block) and must
-    broadcast to ``(B, H, Tq, Tk)``. ``scale`` defaults to ``d ** -0.5``. Returns the context
+    broadcast to ``(B, H, Tq, Tk)``, or :class:`~models.token_state.KeyWeights` (PuMer's multiplicative
+    masked softmax, always computed explicitly). ``scale`` defaults to ``d ** -0.5``. Returns the context
     ``(B, H, Tq, d)`` and, only when ``need_probs``, the attention probabilities (before dropout);
     otherwise the fused SDPA kernel runs and no probabilities exist.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if isinstance(mask, KeyWeights):
+        probs = mask.probs(torch.matmul(q * scale, k.transpose(-2, -1)))
+        dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+        return torch.matmul(dropped, v), probs if need_probs else None
     if mask is not None:
         if mask.dtype == torch.bool:
             raise TypeError("attention mask must be additive (float), not boolean")

@@ -16,6 +16,10 @@ code. Each is a token hook of :mod:`models.token_state` with a ``spec()`` (its s
 * :class:`ToMeReducer` (Bolya et al., ICLR 2023): merge ``r`` tokens by bipartite soft matching on the
   head-averaged keys, size-weighted, sizes carried between blocks, proportional attention optional
   (facebookresearch/ToMe: tome/merge.py, tome/patch/timm.py).
+* :class:`PuMerReducer` (Cao, Paranjape, Hajishirzi, ACL 2023): in a single-stream model (text first), drop the
+  image tokens the text attends to least, then merge the kept image tokens and the text tokens, each on their own,
+  by bipartite matching with plain means and no sizes; merged text masks become fractional key weights
+  (csarron/PuMer: src/pumer/model/vilt/vit_vilt.py, ``Block.forward``).
 * :class:`MADTPReducer` (Cao et al., CVPR 2024): score the block input against alignment tokens shared by every
   reducing block of every tower (:class:`AlignmentTokens`, MADTP's ``space_dict``), then keep the tokens whose
   importance (:func:`madtp_importance`) clears a per-sample threshold set by a temperature
@@ -41,8 +45,10 @@ __all__ = [
     "EViTReducer",
     "MADTPReducer",
     "MergePlan",
+    "PuMerReducer",
     "ToMeReducer",
     "attach_reducers",
+    "bipartite_macs",
     "bipartite_plan",
     "build_reducer",
     "complement",
@@ -169,19 +175,28 @@ class MergePlan:
 
 
 @torch.no_grad()
-def bipartite_plan(metric: Tensor, r: int, protect_first: bool = True, protect_dst_first: bool = False) -> MergePlan:
+def bipartite_plan(
+    metric: Tensor, r: int, protect_first: bool = True, protect_dst_first: bool = False, score: str = "cosine"
+) -> MergePlan:
     """ToMe's bipartite soft matching on ``metric`` (B, N, C): set A = even positions, set B = odd; every A
     token's best B match by cosine similarity; the ``r`` A tokens with the best matches merge.
 
     ``protect_first``: token 0 (CLS) is never merged away; ``protect_dst_first``: token 1 (a distillation token,
     the first of set B) never receives a merge. ``r`` is capped at half of the unprotected tokens. Kept A tokens
     stay in positional order when token 0 is protected (so CLS stays first), else in match order.
+    ``score="absdiff"`` matches by the smallest ``|a - b|`` of a scalar metric (B, N) instead (PuMer's ``diff``
+    merge style, an ablation).
     """
     n = metric.shape[1]
     protected = int(protect_first) + int(protect_dst_first)
     r = max(0, min(int(r), (n - protected) // 2))
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    if score == "absdiff":
+        similarity = -(metric[:, ::2, None] - metric[:, None, 1::2]).abs()
+    elif score == "cosine":
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    else:
+        raise ValueError(f"unknown bipartite score {score!r}; choose cosine or absdiff")
     if protect_first:
         similarity[:, 0, :] = -math.inf
     if protect_dst_first:
@@ -192,6 +207,11 @@ def bipartite_plan(metric: Tensor, r: int, protect_first: bool = True, protect_d
     if protect_first:
         unmerged = unmerged.sort(dim=1).values
     return MergePlan(unmerged, src, best_dst.gather(1, src), n, protect_dst_first)
+
+
+def bipartite_macs(n: int, width: int) -> int:
+    """Multiply-adds of one bipartite similarity on ``n`` tokens: set A (ceil(n/2)) against set B (floor(n/2))."""
+    return math.ceil(n / 2) * (n // 2) * width
 
 
 # ------------------------------------------------------------------------------------------------ reducers
@@ -320,7 +340,7 @@ class ToMeReducer(Reducer):
 
     def macs(self, n: int, head_dim: int) -> int:
         # The cosine similarity of set A (ceil(n/2) tokens) against set B (floor(n/2)) over the averaged keys.
-        return 0 if self.out_tokens(n) == n else math.ceil(n / 2) * (n // 2) * head_dim
+        return 0 if self.out_tokens(n) == n else bipartite_macs(n, head_dim)
 
     def __call__(self, x: Tensor, state: TokenState, ctx: HookContext) -> tuple[Tensor, TokenState]:
         if self.out_tokens(x.shape[1]) == x.shape[1]:
@@ -331,6 +351,152 @@ class ToMeReducer(Reducer):
         positions = plan.positions(state.token_positions(ctx.keys[:, 0]))
         new = state.replace(mask=mask, size=size, positions=positions, prop_attn=self.prop_attn)
         return x, new
+
+
+# ------------------------------------------------------------------------------------------------ PuMer
+
+PUMER_SIM_METHODS = {"mean_head": "mean_head", "mh": "mean_head", "first_head": "first_head", "fh": "first_head",
+                     "k_metric": "k_metric", "km": "k_metric"}  # fmt: skip
+PUMER_MERGE_STYLES = ("tome", "tip", "diff")
+
+
+class PuMerReducer(Reducer):
+    """PuMer's text-informed pruning and modality-aware merging in one block of a single-stream model (spec
+    pumer_vilt.md 2), after the attention residual and before the MLP; ``state.text_len`` splits text from image.
+
+    With ``N`` image tokens and ``T`` text tokens (padded length) entering the block:
+
+    1. prune: each image token's saliency is the attention the text rows give it (``sim_method``: ``mean_head``
+       averages the heads, ``first_head`` reads head 0, ``k_metric`` uses text-key / image-key products), summed
+       over *all* text rows and divided by the real text length; the ``max(N - round(prune_r * N), 1)`` most salient
+       are kept in descending saliency (the image CLS is a candidate like any other);
+    2. merge the kept image tokens by bipartite matching on the head-averaged keys, ``round(merge_r * N)`` of them
+       (``N`` before pruning; capped at half), the first (most salient) protected; ``merge_style`` ``tome``: plain
+       mean; ``tip``: keys weighted by saliency, sum; ``diff``: the closest saliencies, nothing protected, sum;
+    3. merge ``round(merge_text * T)`` text tokens the same way (text [CLS] protected, pads take part) and the text
+       mask by the same plan (means: a pad merged with a word gives 0.5);
+    4. continue with ``[text, image]``, image mask ones; token sizes are not kept (no proportional attention).
+
+    With ``prune_r = 0`` the block instead runs ToMe over the whole sequence with ``int(merge_r)`` tokens (the
+    released code's global baseline); the text length is then left as it was, as there.
+    """
+
+    kind = "pumer"
+
+    def __init__(
+        self,
+        prune_r: float,
+        merge_r: float,
+        merge_text: float,
+        sim_method: str = "mean_head",
+        merge_style: str = "tome",
+    ) -> None:
+        if sim_method not in PUMER_SIM_METHODS:
+            raise ValueError(f"pumer sim_method must be one of {sorted(PUMER_SIM_METHODS)}, got {sim_method!r}")
+        if merge_style not in PUMER_MERGE_STYLES:
+            raise ValueError(f"pumer merge_style must be one of {PUMER_MERGE_STYLES}, got {merge_style!r}")
+        for name, value in (("prune_r", prune_r), ("merge_text", merge_text)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"pumer {name} must be in [0, 1), got {value}")
+        if float(merge_r) < 0:
+            raise ValueError(f"pumer merge_r must be >= 0, got {merge_r}")
+        self.prune_r, self.merge_r, self.merge_text = float(prune_r), float(merge_r), float(merge_text)
+        self.sim_method, self.merge_style = PUMER_SIM_METHODS[sim_method], merge_style
+
+    @property
+    def needs(self) -> frozenset[str]:
+        if self.prune_r > 0:
+            return frozenset({"probs", "keys"})
+        return frozenset({"keys"}) if int(self.merge_r) > 0 else frozenset()
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "prune_r": self.prune_r, "merge_r": self.merge_r, "merge_text": self.merge_text,
+                "sim_method": self.sim_method, "merge_style": self.merge_style}  # fmt: skip
+
+    def _counts(self, t: int, n: int) -> tuple[int, int, int, int]:
+        """(kept image tokens, image merges, text merges, tokens merged globally) for ``t`` text and ``n`` image
+        tokens; Python's round (halves to even), as the released code."""
+        if self.prune_r <= 0:
+            total = t + n
+            return n, 0, 0, max(0, min(int(self.merge_r), (total - 1) // 2))
+        keep = max(n - round(self.prune_r * n), 1)
+        cap = keep // 2 if self.merge_style == "diff" else (keep - 1) // 2
+        r_img = max(0, min(round(self.merge_r * n), cap))
+        r_txt = max(0, min(round(self.merge_text * t), (t - 1) // 2))
+        return keep, r_img, r_txt, 0
+
+    def out_split(self, t: int, n: int) -> tuple[int, int]:
+        """(text, image) tokens leaving the block from ``t`` text and ``n`` image tokens."""
+        keep, r_img, r_txt, r_all = self._counts(t, n)
+        if r_all:  # the global baseline keeps the text length it had
+            return t, n - r_all
+        return t - r_txt, keep - r_img
+
+    def split_macs(self, t: int, n: int, head_dim: int) -> int:
+        """Multiply-adds of the matrix products the reducer runs (the bipartite similarities; ``k_metric``'s
+        text-image key products) on ``t`` text and ``n`` image tokens."""
+        keep, r_img, r_txt, r_all = self._counts(t, n)
+        if r_all:
+            return bipartite_macs(t + n, head_dim)
+        macs = t * n * head_dim if self.sim_method == "k_metric" else 0
+        if r_img and self.merge_style != "diff":
+            macs += bipartite_macs(keep, head_dim)
+        return macs + (bipartite_macs(t, head_dim) if r_txt else 0)
+
+    def _saliency(self, probs: Tensor | None, keys: Tensor, t: int, n_text: Tensor) -> Tensor:
+        if self.sim_method == "mean_head":
+            scores = probs[:, :, :t, t:].mean(dim=1).sum(dim=1)
+        elif self.sim_method == "first_head":
+            scores = probs[:, 0, :t, t:].sum(dim=1)
+        else:  # k_metric
+            scores = (keys[:, :t] @ keys[:, t:].transpose(1, 2)).sum(dim=1)
+        return scores / n_text
+
+    def __call__(self, x: Tensor, state: TokenState, ctx: HookContext) -> tuple[Tensor, TokenState]:
+        t = state.text_len
+        if t is None:
+            raise ValueError(f"block {ctx.block}: the pumer reducer needs a single-stream model (state.text_len)")
+        n = x.shape[1] - t
+        keep, r_img, r_txt, r_all = self._counts(t, n)
+        if self.prune_r <= 0 and not r_all:
+            return x, state
+        keys = ctx.keys.mean(dim=1)  # (B, L, d): the merge metric
+        mask = state.mask if state.mask is not None else x.new_ones(x.shape[:2])
+        positions = state.token_positions(x)
+        if r_all:  # the global ToMe baseline over text and image together
+            plan = bipartite_plan(keys, r_all)
+            merged_mask = plan.merge(mask[..., None].to(x.dtype), "mean")[..., 0]
+            return plan.merge(x, "mean"), state.replace(
+                mask=merged_mask, size=None, positions=plan.positions(positions)
+            )
+        text_mask = mask[:, :t].to(x.dtype)
+        scores = self._saliency(ctx.probs, keys, t, text_mask.sum(dim=1, keepdim=True))
+        top, index = scores.topk(keep, dim=1)  # descending saliency: the most salient kept token comes first
+        image, metric = gather_tokens(x[:, t:], index), gather_tokens(keys[:, t:], index)
+        image_pos = positions[:, t:].gather(1, index)
+        if r_img:
+            if self.merge_style == "diff":
+                plan = bipartite_plan(top, r_img, protect_first=False, score="absdiff")
+            elif self.merge_style == "tip":
+                plan = bipartite_plan(metric * top[..., None], r_img)
+            else:
+                plan = bipartite_plan(metric, r_img)
+            image = plan.merge(image, "mean" if self.merge_style == "tome" else "sum")
+            image_pos = plan.positions(image_pos)
+        text, text_pos = x[:, :t], positions[:, :t]
+        if r_txt:
+            plan = bipartite_plan(keys[:, :t], r_txt)
+            text, text_pos = plan.merge(text, "mean"), plan.positions(text_pos)
+            text_mask = plan.merge(text_mask[..., None], "mean")[..., 0]
+        new_mask = torch.cat([text_mask, text_mask.new_ones(image.shape[:2])], dim=1)
+        new = state.replace(
+            mask=new_mask,
+            size=None,
+            positions=torch.cat([text_pos, image_pos], dim=1),
+            text_len=text.shape[1],
+            soft_mask=True,
+        )
+        return torch.cat([text, image], dim=1), new
 
 
 # ------------------------------------------------------------------------------------------------ MADTP
@@ -540,7 +706,12 @@ class MADTPReducer(Reducer):
         return out, _append_fused(state.select(index), state, rest + 1)
 
 
-REDUCERS: dict[str, type[Reducer]] = {"evit": EViTReducer, "tome": ToMeReducer, "madtp": MADTPReducer}
+REDUCERS: dict[str, type[Reducer]] = {
+    "evit": EViTReducer,
+    "tome": ToMeReducer,
+    "madtp": MADTPReducer,
+    "pumer": PuMerReducer,
+}
 
 
 def build_reducer(spec: Mapping[str, Any], where: str = "") -> Reducer:

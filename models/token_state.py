@@ -37,6 +37,7 @@ __all__ = [
     "NEEDS",
     "POINTS",
     "HookContext",
+    "KeyWeights",
     "TokenHook",
     "TokenState",
     "check_hooks",
@@ -91,6 +92,27 @@ def extended_attention_mask(
 
 
 @dataclass(eq=False)
+class KeyWeights:
+    """PuMer's multiplicative attention mask (csarron/PuMer: src/pumer/model/common.py, spec pumer_vilt.md 2.6), in
+    place of an additive bias: each key's exponentiated score is multiplied by its weight (B, Tk) (0/1 padding,
+    fractional for merged text), a query always keeps its own key (the diagonal weight is raised to 1), and the
+    normalisation is smoothed, ``(e * w + eps / Tk) / (sum(e * w) + eps)``. Used in every layer of a PuMer model."""
+
+    weights: Tensor
+    eps: float = 1e-6
+
+    def probs(self, scores: Tensor) -> Tensor:
+        """Attention probabilities from raw scores (B, H, Tq, Tk), computed in float32 as PuMer does."""
+        tq, tk = scores.shape[-2:]
+        w = self.weights.to(torch.float32)[:, None, None, :]
+        eye = torch.eye(tq, tk, dtype=torch.float32, device=scores.device)
+        w = w + (1.0 - w) * eye
+        # The max only stabilises the exponent (the result depends on it through eps alone): no gradient through it.
+        e = (scores - scores.detach().amax(dim=-1, keepdim=True)).to(torch.float32).exp() * w
+        return ((e + self.eps / tk) / (e.sum(dim=-1, keepdim=True) + self.eps)).to(scores.dtype)
+
+
+@dataclass(eq=False)
 class TokenState:
     """The current tokens of one encoder forward pass, besides their features.
 
@@ -103,6 +125,8 @@ class TokenState:
     * ``positions`` (B, T) long: each token's index in the encoder's input (-1 for a token fused from several);
       reducers keep kept tokens in ascending order, so CLIP can still pool at its EOT token. ``None``: 0..T-1.
 
+    ``masked_softmax`` is ``"additive"`` (padding as a large negative bias, fractional weights as ``log`` biases) or
+    ``"pumer"`` (:class:`KeyWeights`, PuMer's multiplicative masked softmax, in every layer of a PuMer model).
     ``text_len`` splits a single-stream sequence (ViLT: text first, then image); ``causal`` and ``past`` make
     the self-attention causal over ``past`` cached tokens (decoders). ``record`` names blocks whose attention
     probabilities are kept in ``maps`` / ``cross_maps`` (BLIP's Grad-CAM hooks). ``counts`` records, per
@@ -116,6 +140,7 @@ class TokenState:
     positions: Tensor | None = None
     soft_mask: bool = False
     prop_attn: bool = False
+    masked_softmax: str = "additive"
     text_len: int | None = None
     causal: bool = False
     past: int = 0
@@ -178,11 +203,16 @@ class TokenState:
                 )
 
     # ---------------------------------------------------------------------------------------- attention
-    def attn_bias(self, x: Tensor) -> Tensor | None:
+    def attn_bias(self, x: Tensor) -> Tensor | KeyWeights | None:
         """The additive self-attention bias for the tokens ``x`` (B, T, D): padding (or soft key weights),
         causality over the cache, and ``log(size)`` under proportional attention; ``None`` when nothing applies
         (the fused kernel then runs unmasked)."""
         batch, length = x.shape[:2]
+        if self.masked_softmax == "pumer":
+            if self.causal or (self.prop_attn and self.size is not None):
+                raise ValueError("PuMer's masked softmax takes no causal mask or proportional attention")
+            weights = x.new_ones(batch, length) if self.mask is None else self.mask
+            return KeyWeights(weights)
         if self.causal:
             bias = extended_attention_mask(self.mask, batch, length, self.past, True, x.dtype, x.device)
         elif self.mask is None:

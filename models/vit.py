@@ -118,7 +118,8 @@ class VisionTransformer(nn.Module):
     scale of every block is fixed at ``(embed_dim // num_heads) ** -0.5`` regardless of
     ``head_dims``: compressed BLIP ViTs and DeiTs keep the dense scale (UPop). OpenAI CLIP's image tower
     differs only in ``pre_norm`` (a LayerNorm after the position embedding, timm's ``norm_pre``), a patch
-    convolution without bias (``patch_bias``), QuickGELU (``act``) and LayerNorm eps 1e-5.
+    convolution without bias (``patch_bias``), QuickGELU (``act``) and LayerNorm eps 1e-5. ``drop_rate`` is the
+    dropout after the attention projection and in the MLP (timm's ``drop``; ViLT's blocks).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
         num_classes: int = 0,
         global_pool: str = "token",
         norm_eps: float = 1e-6,
@@ -174,6 +176,7 @@ class VisionTransformer(nn.Module):
                 mlp_hidden=mlp_hidden[i],
                 qkv_bias=qkv_bias,
                 drop_path=drop_rates[i],
+                proj_drop=drop_rate,
                 norm_eps=norm_eps,
                 act=act,
                 index=i,

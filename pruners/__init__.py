@@ -8,6 +8,7 @@ from pruners.base import Pruner
 from pruners.evit import EViT
 from pruners.madtp import MADTP
 from pruners.platon import Platon
+from pruners.pumer import PuMer
 from pruners.tome import ToMe
 from pruners.upop import UPop
 
@@ -19,6 +20,7 @@ PRUNERS: dict[str, type[Pruner] | None] = {
     "evit": EViT,
     "tome": ToMe,
     "madtp": MADTP,
+    "pumer": PuMer,
 }
 
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start

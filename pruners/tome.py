@@ -35,6 +35,7 @@ class ToMe(Pruner):
         "epochs": None,  # fine-tuning epochs with this pruner (None: max_epoch; --epoch wins)
         "r": None,  # tokens merged per block: one int, or a list per block; None: solved from --p
         "prop_attn": True,  # proportional attention (ToMe's default off the shelf; its authors train without)
+        "teacher": "",  # a model to distil while fine-tuning (teacher.path of this pruner's runs; "": the config's)
     }
     FLAGS = {"--r": ("tome.r", int, "tokens merged in every block (or a list in the config)")}
 

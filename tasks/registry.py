@@ -100,6 +100,19 @@ ENTRIES: tuple[Entry, ...] = (
         "compress_retrieval.py",
     ),
     Entry(
+        "vqa", "vilt", "tasks.vilt_vqa", "configs/vilt_vqa.yaml", "configs/demo/vilt_vqa.yaml", "vqa", "compress_vqa.py"
+    ),
+    Entry(
+        "nlvr",
+        "vilt",
+        "tasks.vilt_nlvr",
+        "configs/vilt_nlvr.yaml",
+        "configs/demo/vilt_nlvr.yaml",
+        "nlvr",
+        "compress_nlvr.py",
+    ),
+    Entry("ve", "vilt", "tasks.vilt_ve", "configs/vilt_ve.yaml", "configs/demo/vilt_ve.yaml", "ve", "compress_ve.py"),
+    Entry(
         "classification",
         "vit",
         "tasks.classification",
@@ -114,6 +127,15 @@ ENTRIES: tuple[Entry, ...] = (
         "tasks.pretrain",
         "configs/demo/pretrain.yaml",
         "configs/demo/pretrain.yaml",
+        "retrieval",
+        "pretrain.py",
+    ),
+    Entry(
+        "pretrain",
+        "vilt",
+        "tasks.vilt_pretrain",
+        "configs/demo/vilt_pretrain.yaml",
+        "configs/demo/vilt_pretrain.yaml",
         "retrieval",
         "pretrain.py",
     ),
@@ -206,10 +228,16 @@ def resolve(
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         value = node.get(leaf) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
-            if (REPO / value).exists():
-                node[leaf] = str(REPO / value)
+        if isinstance(value, str):
+            node[leaf] = repo_file(value)
     return entry, config
+
+
+def repo_file(value: str) -> str:
+    """A relative path that does not exist from here but does under the repository (a shipped file), made absolute."""
+    if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO / value).exists():
+        return str(REPO / value)
+    return value
 
 
 def _absolute(p: str | Path) -> Path:

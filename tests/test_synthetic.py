@@ -188,6 +188,8 @@ ANNOTATIONS = [
     "vqa_test.json",
     "vg_qa.json",
     "answer_list.json",
+    "vqa2_ans2label.json",
+    "vqa2_label2ans.json",
 ]
 
 
@@ -201,6 +203,9 @@ def referenced_images(root: Path) -> set[str]:
     for split in ("train", "dev", "test"):
         refs |= {f"nlvr/{p}" for e in load(root, f"annotation/nlvr_{split}.json") for p in e["images"]}
     refs |= {f"vg/{e['image']}" for e in load(root, "annotation/vg_qa.json")}
+    for split in ("train", "dev", "test"):
+        lines = (root / f"annotation/snli_ve_{split}.jsonl").read_text().splitlines()
+        refs |= {f"flickr/flickr30k-images/{json.loads(line)['Flickr30K_ID']}.jpg" for line in lines}
     refs |= {p.relative_to(root).as_posix() for p in (root / "imagenet").rglob("*.JPEG")}
     return refs
 
@@ -469,7 +474,7 @@ def test_same_seed_gives_identical_worlds_and_another_seed_differs(tmp_path):
     files_a, files_b, files_c = world_files(a), world_files(b), world_files(c)
     assert files_a.keys() == files_b.keys() == files_c.keys()
     for rel, path in files_a.items():
-        if path.suffix in (".json", ".txt"):
+        if path.suffix in (".json", ".jsonl", ".txt"):
             assert path.read_bytes() == files_b[rel].read_bytes(), rel
         else:
             assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(files_b[rel]))), rel
