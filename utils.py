@@ -248,7 +248,8 @@ class LRSchedule:
 
     ``per_step=False`` (the seeds' recipe) evaluates the cosine at the epoch index, constant within an
     epoch; ``per_step=True`` evaluates it at the fractional epoch of each step. ``linear`` (PuMer's polynomial
-    decay of power 1) falls per step from ``init_lr`` at the end of the warm-up to ``min_lr`` at the last step.
+    decay of power 1, as Hugging Face's) falls per step from ``init_lr`` at the end of the warm-up towards
+    ``min_lr``, which it would reach one step after the last.
     """
 
     init_lr: float

@@ -307,7 +307,16 @@ class ViLT(nn.Module):
         ``max_text_len`` if fewer, a full mask, images of the model's size); ``speed``: ``batch_size`` such examples;
         ``batch``: an evaluation batch (a :class:`data.vilt.ViltBatch`)."""
         device = self.transformer.pos_embed.device
-        if kind == "batch":
+        if kind == "batch" and self.head == "retrieval":
+            if batch is None:
+                raise ValueError("a batch probe needs a batch of the evaluation loader")
+            # Retrieval's evaluation batches are (images, indices): each image with one text of max_text_len tokens.
+            images = batch[0].to(device)
+            g = torch.Generator().manual_seed(0)
+            n, t = images.shape[0], self.max_text_len
+            ids = torch.randint(1, self.text_embeddings.word_embeddings.num_embeddings, (n, t), generator=g).to(device)
+            mask, images2 = torch.ones(n, t, dtype=torch.long, device=device), None
+        elif kind == "batch":
             if batch is None:
                 raise ValueError("a batch probe needs a batch of the evaluation loader")
             ids, mask, images = batch.ids.to(device), batch.mask.to(device), batch.images.to(device)

@@ -66,7 +66,7 @@ class PuMer(Pruner):
         "--prune_r": ("pumer.prune_r", float, "share of image tokens pruned at each reduce layer"),
         "--merge_r": ("pumer.merge_r", float, "image merge share (of the length before pruning)"),
         "--merge_text": ("pumer.merge_text", float, "text merge share"),
-        "--reduce_layers": ("pumer.reduce_layers", str, "blocks that reduce: 2,5,8 or 258"),
+        "--reduce_layers": ("pumer.reduce_layers", parse_layers, "blocks that reduce: 2,5,8 or 258"),
     }
 
     def __init__(self, config: dict):
@@ -77,6 +77,10 @@ class PuMer(Pruner):
         self.layers = parse_layers(opts["reduce_layers"])
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"pumer.reduce_layers must list distinct blocks, got {opts['reduce_layers']!r}")
+        depth = config.get("vilt_depth")
+        bad = [i for i in self.layers if i < 0 or (depth is not None and i >= depth)]
+        if bad:  # checked again on the model in attach (a file may hold another depth)
+            raise ValueError(f"pumer.reduce_layers {bad} outside the model's {depth} blocks (vilt_depth)")
         # Checked here, before any data or weights are read.
         self.spec = {k: opts[k] for k in ("prune_r", "merge_r", "merge_text", "sim_method", "merge_style")}
         PuMerReducer(**self.spec)

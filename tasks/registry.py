@@ -111,6 +111,15 @@ ENTRIES: tuple[Entry, ...] = (
         "nlvr",
         "compress_nlvr.py",
     ),
+    Entry(
+        "retrieval",
+        "vilt",
+        "tasks.vilt_retrieval",
+        "configs/vilt_retrieval_coco.yaml",
+        "configs/demo/vilt_retrieval.yaml",
+        "retrieval",
+        "compress_retrieval.py",
+    ),
     Entry("ve", "vilt", "tasks.vilt_ve", "configs/vilt_ve.yaml", "configs/demo/vilt_ve.yaml", "ve", "compress_ve.py"),
     Entry(
         "classification",

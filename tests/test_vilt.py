@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from benchmarks.flops import count
+from models.arch import architecture
 from models.token_ops import PuMerReducer, reducer_specs
 from models.token_state import HookContext, KeyWeights, TokenState
 from models.vilt import ViLT, vilt_cost, vilt_schedule
@@ -416,6 +417,21 @@ def test_pumer_folder_without_reduction_and_bad_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         read_vilt_weights(tmp_path / "empty", "vqa")
+
+
+def test_our_file_with_its_description_restores_the_reducers(tmp_path):
+    """What a PuMer run saves (the engine's architecture description) evaluates with its reducers."""
+    model = _attach(_vilt("vqa", depth=4, seed=14, masked_softmax="pumer"), [1, 2])
+    arch = architecture(model)
+    assert arch["reducers"] == reducer_specs(model) and len(arch["reducers"]) == 2
+    path = tmp_path / "model_pumer.pth"
+    torch.save({"model": model.state_dict(), "arch": arch}, path)
+    fresh = _vilt("vqa", depth=4, masked_softmax="pumer")
+    load_pretrained(fresh, str(path), {"infer_arch": False}, evaluate=True)
+    assert reducer_specs(fresh) == reducer_specs(model)
+    ids, mask, images, _ = _inputs(text=12)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, mask, images), model(ids, mask, images))
 
 
 # ------------------------------------------------------------------------------------------------ 5. KeyWeights
