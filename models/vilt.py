@@ -305,11 +305,11 @@ class ViLT(nn.Module):
     def cost_probe(self, kind: str = "seed", batch: Any = None, dataset: Any = None, batch_size: int = 1) -> Probe:
         """What is fed when counted or timed: ``seed``, one example as PuMer's benchmark (32 random text tokens, or
         ``max_text_len`` if fewer, a full mask, images of the model's size); ``speed``: ``batch_size`` such examples;
-        ``batch``: an evaluation batch (a :class:`data.vilt.ViltBatch`)."""
+        ``batch``: an evaluation batch (a :class:`data.vilt.ViltBatch`, or retrieval's (images, indices))."""
         device = self.transformer.pos_embed.device
-        if kind == "batch" and self.head == "retrieval":
-            if batch is None:
-                raise ValueError("a batch probe needs a batch of the evaluation loader")
+        if kind == "batch" and batch is None:
+            raise ValueError("a batch probe needs a batch of the evaluation loader")
+        if kind == "batch" and not hasattr(batch, "ids"):
             # Retrieval's evaluation batches are (images, indices): each image with one text of max_text_len tokens.
             images = batch[0].to(device)
             g = torch.Generator().manual_seed(0)
@@ -317,8 +317,6 @@ class ViLT(nn.Module):
             ids = torch.randint(1, self.text_embeddings.word_embeddings.num_embeddings, (n, t), generator=g).to(device)
             mask, images2 = torch.ones(n, t, dtype=torch.long, device=device), None
         elif kind == "batch":
-            if batch is None:
-                raise ValueError("a batch probe needs a batch of the evaluation loader")
             ids, mask, images = batch.ids.to(device), batch.mask.to(device), batch.images.to(device)
             images2 = batch.images2.to(device) if self.head == "nlvr2" else None
         elif kind in ("seed", "speed"):

@@ -164,7 +164,8 @@ def test_vqa_run_uses_the_demo_recipe_linear_decay_warmup_share_and_betas(world,
     steps = n_train // BATCH
     warm = round(0.1 * steps)
     assert warm >= 1
-    last = 2e-4 * (1 - (steps - 1 - warm) / (steps - warm))  # the linear decay's value at the last step
+    init_lr = load_yaml(out / "config.yaml")["init_lr"]
+    last = init_lr * (1 - (steps - 1 - warm) / (steps - warm))  # the linear decay's value at the last step
     assert train_log(out)[0]["lr"] == pytest.approx(last * groups[0]["lr_scale"])
     assert {g["lr_scale"] for g in groups} == {1.0, 10.0}  # the classifier at 10 x (lr_mult)
     for g in groups:
