@@ -348,6 +348,23 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     return obj
 
 
+def load_model_folder(path: str | Path, what: str = "a model folder") -> tuple[dict, dict]:
+    """(state dict, config) of a ``save_pretrained``-style folder: ``config.json`` beside ``model.safetensors`` or
+    ``pytorch_model.bin`` (the first found). ``what`` names the expected kind in the errors."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is a folder without config.json; {what} needs one")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return dict(load_checkpoint_file(path / name)), config
+    raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+
+
 def _pickled_global(message: str) -> str:
     """What torch's weights-only unpickler refused, e.g. ``GLOBAL posix.system``."""
     m = re.search(r"GLOBAL ([\w.]+)", message)

@@ -119,6 +119,30 @@ def load_annotation(ann_root: str | os.PathLike, filename: str) -> tuple[list, P
     return data, path
 
 
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, entry) of every non-blank line of a JSON-lines annotation file; a missing file, a line that is
+    not JSON or not a JSON object is an error naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"annotation file not found: {path} (annotations are never downloaded; put the official "
+            f"{path.name} there, or point ann_root at a directory that has it)"
+        )
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(entry).__name__}")
+            out.append((number, entry))
+    return out
+
+
 Transform = Callable[[Image.Image], Any]
 
 
@@ -135,7 +159,12 @@ class AnnotationDataset(Dataset):
         self._offsets: list[int] = []
 
     def _add_annotation(self, ann_root: str | os.PathLike, filename: str) -> None:
-        entries, path = load_annotation(ann_root, filename)
+        self._add_entries(*load_annotation(ann_root, filename))
+
+    def _add_entries(self, entries: list, path: Path) -> None:
+        """Append the ``entries`` read from the annotation file ``path`` (an empty list is an error naming it)."""
+        if not entries:
+            raise ValueError(f"annotation file {path} holds no entries")
         self._offsets.append(len(self.annotation))
         self.annotation.extend(entries)
         self.sources.append(path)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data.utils import AnnotationDataset, ImageLoadError, Transform, load_image, pre_caption
+from data.utils import AnnotationDataset, ImageLoadError, Transform, load_image, pre_caption, read_jsonl
 from utils import log
 
 ANNOTATION_FILES = {
@@ -35,41 +35,27 @@ def load_ve_annotation(path: str | os.PathLike) -> tuple[list[dict], list[int], 
     error naming the file and the line; blank lines are ignored.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"annotation file not found: {path} (annotations are never downloaded; put the official "
-            f"{path.name} there, or point ann_root at a directory that has it)"
-        )
     entries, lines, skipped = [], [], 0
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
-            if not isinstance(entry, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(entry).__name__}")
-            missing = [key for key in _REQUIRED if key not in entry]
-            if missing:
-                raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}; it has {sorted(entry)}")
-            label = entry["gold_label"]
-            if label == NO_CONSENSUS:
-                skipped += 1
-                continue
-            if label not in VE_LABEL_IDS:
-                raise ValueError(
-                    f"{path}, line {number}: unknown gold_label {label!r}; expected one of "
-                    f"{', '.join(VE_LABEL_IDS)} (or {NO_CONSENSUS!r}, skipped)"
-                )
-            if not isinstance(entry["sentence2"], str):
-                raise ValueError(f"{path}, line {number}: sentence2 must be a string, got {entry['sentence2']!r}")
-            image_id = str(entry["Flickr30K_ID"])
-            if not image_id.isdigit():
-                raise ValueError(f"{path}, line {number}: Flickr30K_ID must be digits, got {entry['Flickr30K_ID']!r}")
-            entries.append(entry)
-            lines.append(number)
+    for number, entry in read_jsonl(path):
+        missing = [key for key in _REQUIRED if key not in entry]
+        if missing:
+            raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}; it has {sorted(entry)}")
+        label = entry["gold_label"]
+        if label == NO_CONSENSUS:
+            skipped += 1
+            continue
+        if label not in VE_LABEL_IDS:
+            raise ValueError(
+                f"{path}, line {number}: unknown gold_label {label!r}; expected one of "
+                f"{', '.join(VE_LABEL_IDS)} (or {NO_CONSENSUS!r}, skipped)"
+            )
+        if not isinstance(entry["sentence2"], str):
+            raise ValueError(f"{path}, line {number}: sentence2 must be a string, got {entry['sentence2']!r}")
+        image_id = str(entry["Flickr30K_ID"])
+        if not image_id.isdigit():
+            raise ValueError(f"{path}, line {number}: Flickr30K_ID must be digits, got {entry['Flickr30K_ID']!r}")
+        entries.append(entry)
+        lines.append(number)
     if not entries:
         raise ValueError(f"annotation file {path} holds no entries with a gold label")
     return entries, lines, skipped
@@ -94,9 +80,8 @@ class VEDataset(AnnotationDataset):
             raise ValueError(f"unknown SNLI-VE split {split!r}; expected one of {sorted(ANNOTATION_FILES)}")
         super().__init__(transform)
         path = Path(ann_root) / ANNOTATION_FILES[split]
-        self.annotation, self.lines, self.skipped = load_ve_annotation(path)
-        self.sources = [path]
-        self._offsets = [0]
+        entries, self.lines, self.skipped = load_ve_annotation(path)
+        self._add_entries(entries, path)
         self.image_root = image_root
         self.split = split
         self.max_words = max_words

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from data.utils import AnnotationDataset, Transform, pre_question
+from data.utils import AnnotationDataset, Transform, pre_question, read_jsonl
 
 __all__ = [
     "ViltBatch",
@@ -31,6 +31,7 @@ __all__ = [
     "ViltVQADataset",
     "load_answer_vocab",
     "soft_score",
+    "tokenize",
     "vilt_transform",
 ]
 
@@ -56,18 +57,6 @@ def load_answer_vocab(ann_root: str | os.PathLike) -> list[str]:
     if len(set(answers)) != len(answers):
         raise ValueError(f"{path} lists some answers twice")
     return answers
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    entries = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no} is not valid JSON: {e}") from None
-    return entries
 
 
 class ViltVQADataset(AnnotationDataset):
@@ -98,18 +87,11 @@ class ViltVQADataset(AnnotationDataset):
         for name in files:
             jsonl = Path(ann_root) / f"{name}.jsonl"
             if not (Path(ann_root) / f"{name}.json").is_file() and jsonl.is_file():
-                self._add_entries(_read_jsonl(jsonl), jsonl)
+                self._add_entries([entry for _, entry in read_jsonl(jsonl)], jsonl)
             else:
                 self._add_annotation(ann_root, f"{name}.json")
         known = {self._qid(e): e["answer"] for e in self.annotation if "answer" in e}
         self.answers: dict[int, Any] | None = known or None
-
-    def _add_entries(self, entries: list[dict], source: Path) -> None:
-        if not entries:
-            raise ValueError(f"annotation file {source} holds no entries")
-        self._offsets.append(len(self.annotation))
-        self.annotation.extend(entries)
-        self.sources.append(source)
 
     @staticmethod
     def _qid(entry: dict) -> int:
@@ -168,6 +150,12 @@ class ViltBatch(NamedTuple):
     key: Tensor
 
 
+def tokenize(tokenizer: Callable, texts: Sequence[str], max_len: int) -> tuple[Tensor, Tensor]:
+    """Token ids and mask (N, max_len) of ``texts``: ``[CLS] ... [SEP]``, padded to and truncated at ``max_len``."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=int(max_len), return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 class ViltCollate:
     """Tokenize the texts of a batch to ``max_len`` tokens (``[CLS] ... [SEP]``, padded, truncated) and stack the
     rest. ``layout`` names the item: ``vqa`` (image, text, scores, qid), ``pair`` (image0, image1, text, label),
@@ -179,10 +167,7 @@ class ViltCollate:
         self.tokenizer, self.max_len, self.layout = tokenizer, int(max_len), layout
 
     def tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt"
-        )
-        return enc["input_ids"], enc["attention_mask"]
+        return tokenize(self.tokenizer, texts, self.max_len)
 
     def __call__(self, items: Sequence[tuple]) -> ViltBatch:
         n = len(items)

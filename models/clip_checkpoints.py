@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from models.clip import ClipArch
-from utils import CheckpointError, log
+from utils import CheckpointError, load_model_folder, log
 
 __all__ = [
     "LAYOUTS",
@@ -278,24 +278,6 @@ def is_torchscript(path: str | Path) -> bool:
         return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist())
 
 
-def _hf_folder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is a folder without config.json; a Hugging Face CLIPModel folder needs one")
-    config = json.loads(config_file.read_text())
-    weights = path / "model.safetensors"
-    if weights.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(weights)), config
-    bin_file = path / "pytorch_model.bin"
-    if bin_file.is_file():
-        from utils import load_checkpoint_file
-
-        return dict(load_checkpoint_file(bin_file)), config
-    raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
-
-
 def _hf_act(config: Mapping[str, Any], source: str) -> str:
     acts = {config.get(part, {}).get("hidden_act", "quick_gelu") for part in ("text_config", "vision_config")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
@@ -317,7 +299,7 @@ def read_clip_weights(
     path = Path(path)
     facts: dict[str, Any] = {}
     if path.is_dir():
-        sd, config = _hf_folder(path)
+        sd, config = load_model_folder(path, "a Hugging Face CLIPModel folder")
         facts["act"] = _hf_act(config, str(path))
         arch = None
     elif is_torchscript(path):

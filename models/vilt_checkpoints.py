@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from utils import CheckpointError, load_checkpoint_file, log
+from utils import CheckpointError, load_checkpoint_file, load_model_folder, log
 
 __all__ = [
     "HEAD_PREFIXES",
@@ -189,20 +189,6 @@ def pumer_reducers(config: Mapping[str, Any], depth: int, source: str = "config.
     return {f"transformer.blocks.{int(i)}": [dict(spec)] for i in layers}
 
 
-def _folder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is a folder without config.json (a PuMer or Hugging Face ViLT folder has one)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return dict(load_checkpoint_file(path / name)), config
-    raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
-
-
 def read_vilt_weights(path: str | Path, head: str) -> tuple[dict[str, Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(state dict in our layout, architecture description or None, facts) from any ViLT file or folder: the
     original ``.ckpt``, a PuMer or Hugging Face folder, our ``.safetensors`` (+ description) / ``.pth``. ``facts``:
@@ -213,7 +199,7 @@ def read_vilt_weights(path: str | Path, head: str) -> tuple[dict[str, Tensor], d
     facts: dict[str, Any] = {}
     arch = None
     if path.is_dir():
-        sd, facts["config"] = _folder(path)
+        sd, facts["config"] = load_model_folder(path, "a PuMer or Hugging Face ViLT folder")
     elif path.suffix == ".ckpt":
         obj = load_checkpoint_file(path)
         if "state_dict" not in obj:

@@ -27,9 +27,10 @@ from models.vilt import VILT_DEFAULTS, ViLT, build_vilt
 from tasks.common import DATA_DEFAULTS, build_loaders, model_device
 from tasks.metrics import collect_results, vqa_score, wilson_interval
 
-__all__ = ["SCHEMAS", "ViltTask", "make"]
+__all__ = ["SCHEMAS", "VILT_SCHEMA", "ViltTask", "make", "vilt_tokenizer"]
 
-_COMMON: dict[str, Any] = {
+# Keys every ViLT task accepts (data, model, tokenizer); each task adds its own.
+VILT_SCHEMA: dict[str, Any] = {
     **DATA_DEFAULTS,
     **VILT_DEFAULTS,
     "image_size": 384,
@@ -41,7 +42,7 @@ _COMMON: dict[str, Any] = {
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "vqa": {
-        **_COMMON,
+        **VILT_SCHEMA,
         "max_text_len": 32,  # PuMer's VQA
         "vqa_root": "",
         "train_files": ["vqa_train"],  # PuMer trains on train2014 only and selects on val2014
@@ -50,18 +51,25 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "vqa_bce_scale": "mean",  # mean (PuMer) | labels (original ViLT: x the vocabulary size)
         "vqa_labels": 0,  # answers of the head; 0: as many as the vocabulary file (ann_root/vqa2_label2ans.json)
     },
-    "nlvr": {**_COMMON, "nlvr_eval_swap": True},
-    "ve": {**_COMMON},
+    "nlvr": {**VILT_SCHEMA, "nlvr_eval_swap": True},
+    "ve": {**VILT_SCHEMA},
 }
 _HEADS = {"vqa": "vqa", "nlvr": "nlvr2", "ve": "ve"}
 
 
-def _tokenizer(path: str):
+def vilt_tokenizer(config: Mapping):
+    """The BERT-style tokenizer at ``config["tokenizer"]``, checked against the model's vocabulary size."""
     from transformers import BertTokenizer
 
+    path = config["tokenizer"]
     if not Path(path, "vocab.txt").is_file():
         raise FileNotFoundError(f"tokenizer: {path} has no vocab.txt (a bert-base-uncased style folder is needed)")
-    return BertTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = BertTokenizer.from_pretrained(str(path), local_files_only=True)
+    if len(tokenizer) > config["vilt_vocab_size"]:
+        raise ValueError(
+            f"tokenizer {path} has {len(tokenizer)} tokens but vilt_vocab_size is {config['vilt_vocab_size']}"
+        )
+    return tokenizer
 
 
 def _datasets(task: str, config: Mapping) -> tuple[Any, dict[str, Any]]:
@@ -88,12 +96,7 @@ def make(task: str) -> SimpleNamespace:
     layout = {"vqa": "vqa", "nlvr": "pair", "ve": "single"}[task]
 
     def build_data(config: dict, dist: utils.DistInfo):
-        tokenizer = _tokenizer(config["tokenizer"])
-        if len(tokenizer) > config["vilt_vocab_size"]:
-            raise ValueError(
-                f"tokenizer {config['tokenizer']} has {len(tokenizer)} tokens but vilt_vocab_size is "
-                f"{config['vilt_vocab_size']}"
-            )
+        tokenizer = vilt_tokenizer(config)
         train, evals = _datasets(task, config)
         collate = ViltCollate(tokenizer, config["max_text_len"], layout)
         return build_loaders(config, dist, train, evals, collate_fn=collate, eval_collate_fn=collate)

@@ -20,17 +20,17 @@ import torch.nn.functional as F
 
 import utils
 from data import create_dataset
-from data.vilt import vilt_transform
+from data.vilt import tokenize, vilt_transform
 from models.checkpoints import load_vit_weights
 from models.vilt import ViLT, build_vilt
 from tasks.common import build_loaders, model_device
 from tasks.metrics import wilson_interval
-from tasks.vilt import SCHEMAS, _tokenizer, load_pretrained
+from tasks.vilt import VILT_SCHEMA, load_pretrained, vilt_tokenizer
 
 __all__ = ["SCHEMA", "build_data", "build_model", "build_task", "load_pretrained", "mask_tokens"]
 
 SCHEMA: dict[str, Any] = {
-    **SCHEMAS["ve"],
+    **VILT_SCHEMA,
     "dataset": "coco",
     "vit_init": "",  # an image classifier (our ViT layout) to start the transformer from
     "mlm_prob": 0.15,
@@ -63,12 +63,6 @@ class PretrainCollate:
         self.tokenizer, self.max_len, self.prob, self.dataset = tokenizer, max_len, prob, dataset
         self.special = set(tokenizer.all_special_ids)
 
-    def _encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt"
-        )
-        return enc["input_ids"], enc["attention_mask"]
-
     def __call__(self, items: Sequence[tuple]) -> tuple[torch.Tensor, ...]:
         if self.dataset is None:
             images, captions, image_ids = zip(*items)
@@ -89,7 +83,7 @@ class PretrainCollate:
             captions = [texts[img2txt[i][0]] for i in index]
             itm_texts = [texts[img2txt[(i + 1) % n][0]] if k % 2 else captions[k] for k, i in enumerate(index)]
             labels = [0 if k % 2 else 1 for k in range(len(index))]
-        ids, mask = self._encode(itm_texts)
+        ids, mask = tokenize(self.tokenizer, itm_texts, self.max_len)
         special = torch.isin(ids, torch.tensor(sorted(self.special)))
         masked, mlm_labels = mask_tokens(ids, special, self.tokenizer.mask_token_id, len(self.tokenizer), self.prob, g)
         itm_labels = torch.tensor(labels)
@@ -98,7 +92,7 @@ class PretrainCollate:
 
 
 def build_data(config: dict, dist: utils.DistInfo):
-    tokenizer = _tokenizer(config["tokenizer"])
+    tokenizer = vilt_tokenizer(config)
     train, val, _ = create_dataset("retrieval", config)
     size = int(config["image_size"])
     train.transform, val.transform = vilt_transform("train", size, config["randaug"]), vilt_transform("test", size)

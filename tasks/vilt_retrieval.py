@@ -21,16 +21,16 @@ import utils
 from data import create_dataset
 from data.samplers import ShardSampler
 from data.utils import pre_caption
-from data.vilt import vilt_transform
+from data.vilt import tokenize, vilt_transform
 from models.vilt import ViLT, build_vilt
 from tasks.common import build_loaders, model_device
 from tasks.metrics import retrieval_metrics
-from tasks.vilt import SCHEMAS, _tokenizer, load_pretrained
+from tasks.vilt import VILT_SCHEMA, load_pretrained, vilt_tokenizer
 
 __all__ = ["SCHEMA", "build_data", "build_model", "build_task", "load_pretrained"]
 
 SCHEMA: dict[str, Any] = {
-    **SCHEMAS["ve"],
+    **VILT_SCHEMA,
     "dataset": "coco",  # coco | flickr (Karpathy-format files under ann_root)
     "negatives": 15,  # false captions per image in training
     "itm_weight": 0.5,  # the ITM term beside the rank loss
@@ -55,18 +55,13 @@ class RetrievalCollate:
                 if owner != image_id:
                     drawn.append(text)
             rows += [caption, *drawn]
-        enc = self.tokenizer(rows, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
+        ids, mask = tokenize(self.tokenizer, rows, self.max_len)
         shape = (len(items), 1 + self.negatives, -1)
-        return torch.stack(images), enc["input_ids"].view(shape), enc["attention_mask"].view(shape)
+        return torch.stack(images), ids.view(shape), mask.view(shape)
 
 
 def build_data(config: dict, dist: utils.DistInfo):
-    tokenizer = _tokenizer(config["tokenizer"])
-    if len(tokenizer) > config["vilt_vocab_size"]:
-        raise ValueError(
-            f"tokenizer {config['tokenizer']} has {len(tokenizer)} tokens but vilt_vocab_size is "
-            f"{config['vilt_vocab_size']}"
-        )
+    tokenizer = vilt_tokenizer(config)
     train, val, test = create_dataset("retrieval", config)
     size = int(config["image_size"])
     train.transform = vilt_transform("train", size, config["randaug"])
@@ -111,11 +106,7 @@ class ViltRetrievalTask:
         gathered, so every rank reports the same recall."""
         device = model_device(model)
         ds = loader.dataset
-        enc = loader.tokenizer(
-            list(ds.text), padding="max_length", truncation=True, max_length=self.config["max_text_len"],
-            return_tensors="pt",
-        )  # fmt: skip
-        all_ids, all_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        all_ids, all_mask = (t.to(device) for t in tokenize(loader.tokenizer, ds.text, self.config["max_text_len"]))
         rank, world = utils.get_rank(), utils.get_world_size()
         mine = list(ShardSampler(ds, world, rank))
         rows: dict[int, torch.Tensor] = {}

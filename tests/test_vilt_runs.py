@@ -491,7 +491,9 @@ def test_retrieval_reports_recall_over_every_image_and_caption_of_the_split(worl
 
 
 def test_retrieval_collate_puts_the_caption_first_and_negatives_of_other_images(world):
-    tokenizer = vilt_retrieval._tokenizer(str(world.root / "world" / "tokenizer"))
+    tokenizer = vilt_retrieval.vilt_tokenizer(
+        {"tokenizer": str(world.root / "world" / "tokenizer"), "vilt_vocab_size": 159}
+    )
     # Image 0 owns most of the pool, so its draws must reject; image 1's negatives come from image 0 and image 2.
     pool = [
         ("a red circle", 0), ("a red circle on the left", 0), ("one shape: a red circle", 0),

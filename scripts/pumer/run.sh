@@ -25,9 +25,6 @@ case $mode in
       --prune_r "$p" --merge_r "$r" --merge_text "$t" --reduce_layers "$layers" --epoch "$epochs" \
       --output_dir "$out" "$@" ;;
   evaluate)
-    ckpt=$1 out=$2
-    shift 2
-    exec "${PYTHON:-python}" "compress_${task}.py" --config "$config" --evaluate --pretrained "$ckpt" \
-      --output_dir "$out" "$@" ;;
+    exec scripts/run_pruner.sh pumer evaluate "$task" "$config" "$@" ;;
   *) echo "usage: $0 ft|compress|evaluate TASK CONFIG ..." >&2; exit 2 ;;
 esac
