@@ -151,10 +151,10 @@ def resolve_config(task: str, args: argparse.Namespace) -> dict:
     if getattr(args, "infer_arch", False):
         flags["infer_arch"] = True
     pruner_flags = _pruner_flags(args)
-    _, config = registry.resolve(
-        task, args.config, demo=args.demo, overrides=args.overrides, flags={**flags, **pruner_flags}
-    )
     pruner = getattr(args, "pruner", "none")
+    _, config = registry.resolve(
+        task, args.config, demo=args.demo, overrides=args.overrides, flags={**flags, **pruner_flags}, pruner=pruner
+    )
     _apply_p(config, pruner, pruner_flags)
     if pruner != "none":
         if args.pretrained is None and config["pruner_pretrained"]:

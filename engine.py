@@ -163,6 +163,11 @@ class EngineConfig:
     eval_every: int = 1
     no_decay_norm_bias: bool = False
     lr_mult: dict = field(default_factory=dict)
+    # An exponential moving average of the weights (timm ModelEmaV3, updated after every optimizer step; a task
+    # schema that offers it has these keys): evaluated beside the model ("ema" in log.jsonl, "ema_metrics" in
+    # the results), saved as "model_ema" in the checkpoints, never used for model selection (DeiT).
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
 
     @classmethod
     def from_config(cls, config: Mapping) -> EngineConfig:
@@ -187,6 +192,12 @@ class PhaseSpec:
     pruning: bool = True
     weight_decay: float | None = None
     evaluate: str = "every"
+    # The phase's own learning-rate recipe where it differs from the config's (UVC: the search warms up over 500
+    # steps and decays per step to 0, the post-training follows the config); None keeps the config's value.
+    init_lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    per_step: bool | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -275,6 +286,8 @@ class Engine:
             self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.phases = self.pruner.phases(cfg) if self.pruner is not None else [PhaseSpec("train", cfg.max_epoch)]
         self.optimizer = self._build_optimizer()
+        self.ema = self._new_ema()
+        self._ema_metrics: dict = {}
         self.state = TrainState()
         self._train_loader = None
         self._phase = ""  # the phase of the epoch being trained, recorded in checkpoints
@@ -294,6 +307,14 @@ class Engine:
         self.model.to(self.device)
         self._wrap()
         self.optimizer = self._build_optimizer()
+        self.ema = self._new_ema()  # an average over the old structure means nothing for the new one
+
+    def _new_ema(self) -> Any:
+        if not self.cfg.model_ema:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.cfg.model_ema_decay)
 
     # ------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -365,6 +386,8 @@ class Engine:
             every = phase.spec.evaluate == "every" and (phase.epoch + 1) % max(1, self.cfg.eval_every) == 0
             if phase.last or every:
                 metrics = self.evaluate(eval_loaders)
+                if self.ema is not None:
+                    self._ema_metrics = self.evaluate(eval_loaders, self.ema.module)
             self.state.epoch = epoch
             self._update_best(metrics, epoch)
             self.save_checkpoint(self.output_dir / CHECKPOINT_LAST)
@@ -374,6 +397,7 @@ class Engine:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train": train_stats,
                 **metrics,
+                **({"ema": self._ema_metrics} if metrics and self.ema is not None else {}),
                 "epoch_time_s": round(time.time() - t0, 3),
             }
             if pruning:
@@ -389,20 +413,23 @@ class Engine:
         return self.results()
 
     def _schedule(self, spec: PhaseSpec, steps_per_epoch: int) -> utils.LRSchedule:
+        init_lr = self.cfg.init_lr if spec.init_lr is None else spec.init_lr
         if spec.lr_schedule == "constant":  # e.g. the seeds' search, at init_lr throughout
-            return utils.LRSchedule(self.cfg.init_lr, self.cfg.init_lr, spec.epochs, steps_per_epoch, kind="constant")
+            return utils.LRSchedule(init_lr, init_lr, spec.epochs, steps_per_epoch, kind="constant")
+        if spec.warmup_steps is not None:
+            warmup = spec.warmup_steps
+        elif self.cfg.warmup_ratio > 0:
+            warmup = round(self.cfg.warmup_ratio * spec.epochs * steps_per_epoch)
+        else:
+            warmup = self.cfg.warmup_steps
         return utils.LRSchedule(
-            init_lr=self.cfg.init_lr,
-            min_lr=self.cfg.min_lr,
+            init_lr=init_lr,
+            min_lr=self.cfg.min_lr if spec.min_lr is None else spec.min_lr,
             max_epoch=spec.epochs,
             steps_per_epoch=steps_per_epoch,
-            warmup_steps=(
-                round(self.cfg.warmup_ratio * spec.epochs * steps_per_epoch)
-                if self.cfg.warmup_ratio > 0
-                else self.cfg.warmup_steps
-            ),
+            warmup_steps=warmup,
             warmup_lr=self.cfg.warmup_lr,
-            per_step=self.cfg.lr_per_step,
+            per_step=self.cfg.lr_per_step if spec.per_step is None else spec.per_step,
             kind=spec.lr_schedule or self.cfg.lr_schedule,
         )
 
@@ -451,6 +478,8 @@ class Engine:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.state.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 if pruner is not None:
                     # Before zero_grad: score-based pruners read the gradients the step just used; the LR is the
                     # step's (UVC's proximal step scales by it).
@@ -497,12 +526,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, loaders: Mapping[str, Any]) -> dict[str, dict]:
-        self.model.eval()
+    def evaluate(self, loaders: Mapping[str, Any], model: torch.nn.Module | None = None) -> dict[str, dict]:
+        model = self.model if model is None else model
+        model.eval()
         out = {}
         for split, loader in loaders.items():
             with self._autocast():
-                out[split] = self.task.evaluate(self.model, loader, split)
+                out[split] = self.task.evaluate(model, loader, split)
         return out
 
     def _update_best(self, metrics: Mapping, epoch: int) -> None:
@@ -542,6 +572,8 @@ class Engine:
         arch = self.architecture()
         if arch is not None:
             extra["arch"] = arch
+        if self.ema is not None:
+            extra["model_ema"] = self.ema.module.state_dict()
         if utils.is_main_process():
             utils.atomic_torch_save({"model": self.model.state_dict(), "config": self.config, **extra}, path)
             self._checkpoint_written(path)
@@ -575,6 +607,7 @@ class Engine:
         if utils.is_main_process():
             ckpt = {
                 "model": self.model.state_dict(),
+                **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "pruner": self.pruner.state_dict() if self.pruner is not None else {},
@@ -613,6 +646,11 @@ class Engine:
                 f"cannot resume from {path} ({_holds(ckpt)}): it does not fit this run's model and optimizer: "
                 + " ".join(line.strip() for line in first)
             ) from None
+        if self.ema is not None and "model_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["model_ema"])
+        elif self.ema is not None:
+            log.warning("%s holds no model_ema: the moving average restarts from the resumed weights", path)
+            self.ema = self._new_ema()
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
@@ -663,6 +701,8 @@ class Engine:
         if self.pruner is not None:
             out["dense"] = self.state.dense
             out["pruner_report"] = self.pruner.report()
+        if self._ema_metrics:
+            out["ema_metrics"] = self._ema_metrics
         return out
 
 

@@ -15,6 +15,8 @@ alternation on the chosen device:
   inference call at ``--batch`` (found by bisection; the keep counts are batch maxima, so the FLOPs depend on the
   batch and are measured at the batch that is timed);
 * ``upop+madtp``: UPop at ``--upop-p`` (the ``--ranking`` above), then MADTP on the compressed model as above;
+* ``uvc`` (DeiT): a valid UVC selection at ``--budget`` (blocks skipped, heads, value coordinates and neurons
+  removed), materialised;
 * ``pumer`` (ViLT): PuMer reducers at ``--reduce-layers`` with ``--prune-r``, ``--merge-r``, ``--merge-text``
   (default: the released VQA setting, p 0.1, r 0.3, t 0.2 at blocks 2, 5, 8).
 
@@ -26,6 +28,7 @@ The check: the measured speed-up (latency at batch 1, and throughput at ``--batc
     python -m benchmarks.speed tome --preset deit-small --r 13 --device cpu --batch 16
     python -m benchmarks.speed madtp --preset blip-nlvr --p 0.5 --device cpu --batch 8
     python -m benchmarks.speed pumer --preset vilt-vqa --device cpu --batch 32
+    python -m benchmarks.speed uvc --preset deit-small --budget 0.5 --device cpu --batch 16
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
         pruner = PuMer({"pumer": {**options, "reduce_layers": args.reduce_layers}})
         pruner.attach(small)
         how = f"PuMer p {args.prune_r} r {args.merge_r} t {args.merge_text} at blocks {args.reduce_layers}"
+    elif method == "uvc":
+        how = _uvc(small, args)
     elif method == "evit":
         options = {"locations": args.locations, "keep_rate": None if args.p is not None else args.keep_rate}
         pruner = EViT({"p": args.p, "evit": options})
@@ -87,6 +92,38 @@ def compressed_copy(model: nn.Module, method: str, args: argparse.Namespace) -> 
         pruner.attach(small)
         how = f"ToMe r={pruner.r} in every block"
     return small.eval(), how
+
+
+def _uvc(model: nn.Module, args: argparse.Namespace) -> str:
+    """A valid UVC selection at ``--budget`` (the weights are random, so no search): every third block skipped, one
+    head and ``--uvc-dims`` value coordinates of every other head removed, and the MLP width that meets the budget
+    (bisection on the deterministic R), then materialised as the search's end does."""
+    from pruners.uvc import UVC
+
+    pruner = UVC({"uvc": {"budget": args.budget, "resource": "materialised", "select_by": "last"}})
+    pruner.attach(model)
+    pruner.warm = False
+    geo = pruner.geo
+    with torch.no_grad():
+        for i in range(2, geo.depth, 3):
+            pruner.gates[i] = torch.tensor([1.0, -1.0])
+    pruner.s[:, 0] = 1
+    pruner.r[:] = args.uvc_dims
+    lo, hi = 0.0, geo.hidden - 1.0
+    for _ in range(40):
+        pruner.s[:, 1] = (lo + hi) / 2
+        pruner.refresh_selection()
+        lo, hi = (
+            (pruner.s[0, 1].item(), hi)
+            if pruner.deterministic_resource() > args.budget
+            else (lo, pruner.s[0, 1].item())
+        )
+    pruner.s[:, 1] = hi
+    pruner.materialise(model)
+    return (
+        f"UVC at budget {args.budget}: blocks {pruner.final['skipped']} skipped, 1 head and {args.uvc_dims} value dims "
+        f"per head removed, {math.ceil(hi)} neurons removed per block (R {pruner.final['R_materialised']:.4f} as built)"
+    )
 
 
 def _madtp(model: nn.Module, args: argparse.Namespace) -> str:
@@ -123,7 +160,9 @@ def _madtp(model: nn.Module, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "method", choices=("upop", "evit", "tome", "madtp", "upop+madtp", "pumer"), help="the compression method"
+        "method",
+        choices=("upop", "evit", "tome", "madtp", "upop+madtp", "pumer", "uvc"),
+        help="the compression method",
     )
     ap.add_argument("--preset", default="blip-nlvr", choices=sorted(PRESETS), help="real-size model (random weights)")
     ap.add_argument("--p", type=float, default=None, help="upop: mask budget share; evit / tome: FLOPs share to remove")
@@ -144,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge-r", type=float, default=0.3, help="pumer: image merge share")
     ap.add_argument("--merge-text", type=float, default=0.2, help="pumer: text merge share")
     ap.add_argument("--reduce-layers", type=int, nargs="+", default=[2, 5, 8], help="pumer: blocks that reduce")
+    ap.add_argument("--budget", type=float, default=0.5, help="uvc: share of the dense MACs kept")
+    ap.add_argument("--uvc-dims", type=int, default=16, help="uvc: value coordinates removed in every kept head")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--batch", type=int, default=1, help="throughput batch (1: latency only)")

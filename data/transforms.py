@@ -222,28 +222,99 @@ def build_transform(split: str, image_size: int, config: Mapping | None = None) 
     return v2.Compose([*steps, *normalize])
 
 
-def build_imagenet_transform(split: str, image_size: int, config: Mapping | None = None) -> v2.Compose:
-    """The DeiT data pipeline, reduced to its geometric core.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+ERASE_MODES = ("const", "rand", "pixel")
 
-    Train: RandomResizedCrop (``crop_scale`` default [0.08, 1.0]) + horizontal flip. Evaluation:
-    resize the shorter side to ``int(image_size / eval_crop_ratio)`` (ratio default 0.875) and
-    centre-crop. Both use ``interpolation`` (default "bicubic"; UVC used "bilinear") and the
-    ImageNet mean/std. Left out of the full DeiT recipe: RandAugment rand-m9-mstd0.5-inc1, colour
-    jitter, random erasing, repeated augmentation, and mixup/cutmix with label smoothing (those
-    act on batches and targets, so they belong in the training loop, not here).
+
+def _interpolation(config: Mapping | None, key: str, fallback: str) -> str:
+    mode = _get(config, key, fallback)
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"{key} must be one of {INTERPOLATIONS}, got {mode!r}")
+    return mode
+
+
+def timm_auto_augment(policy: Any) -> str:
+    """A timm auto-augment string checked by timm's own parser ("" = off); ``policy`` False or None is off too
+    (BLIP's boolean ``randaug`` switch, which the ImageNet pipeline does not use)."""
+    if policy is None or policy is False or policy == "":
+        return ""
+    if not isinstance(policy, str):
+        raise ValueError(
+            f"randaug must be a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' ('' = off), got {policy!r}"
+        )
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    build = rand_augment_transform if policy.startswith("rand") else auto_augment_transform
+    build = augment_and_mix_transform if policy.startswith("augmix") else build
+    try:
+        build(policy, {})
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"randaug {policy!r} is not a timm auto-augment string (timm: {e or type(e).__name__})"
+        ) from None
+    return policy
+
+
+def build_imagenet_transform(split: str, image_size: int, config: Mapping | None = None) -> Any:
+    """DeiT's pipelines; the classification task fills the keys from its recipe (tasks/classification.py), and a
+    bare call gets the plain one.
+
+    Evaluation, one protocol for every model: resize the shorter side to ``int(image_size / eval_crop_ratio)``
+    (ratio default 0.875) with ``interpolation`` (default "bicubic"), centre crop, ImageNet mean/std.
+
+    Train: RandomResizedCrop (``crop_scale``, default [0.08, 1.0]; ``train_interpolation``, default
+    ``interpolation``) and a horizontal flip (``hflip``). When RandAugment (``randaug``, a timm auto-augment
+    string), colour jitter (``color_jitter`` > 0) or random erasing (``reprob`` > 0, ``remode``, ``recount``) is
+    on, the pipeline is timm's ``create_transform``, built as DeiT builds it, so that its ops and their
+    parameters are timm's own (the factory skips the jitter when RandAugment is on). Otherwise it is the
+    torchvision pipeline, which draws crops by the same algorithm and keeps the plain recipe's bytes.
+    Mixup/cutmix and repeated augmentation act on batches and on the sampler: see the task and
+    ``data.samplers``.
     """
-    interpolation = InterpolationMode(_get(config, "interpolation", "bicubic"))
     normalize = [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.ToPureTensor(),
     ]
+    interpolation = _interpolation(config, "interpolation", "bicubic")
     if split != "train":
-        resize = int(image_size / float(_get(config, "eval_crop_ratio", 0.875)))
-        return v2.Compose([v2.Resize(resize, interpolation=interpolation), v2.CenterCrop(image_size), *normalize])
+        ratio = float(_get(config, "eval_crop_ratio", 0.875))
+        if not 0 < ratio <= 1:
+            raise ValueError(f"eval_crop_ratio must be in (0, 1], got {ratio}")
+        resize = v2.Resize(int(image_size / ratio), interpolation=InterpolationMode(interpolation))
+        return v2.Compose([resize, v2.CenterCrop(image_size), *normalize])
+    train_interpolation = _interpolation(config, "train_interpolation", interpolation)
     scale = tuple(float(s) for s in _get(config, "crop_scale", (0.08, 1.0)))
-    steps: list[Any] = [v2.RandomResizedCrop(image_size, scale=scale, interpolation=interpolation)]
-    if _get(config, "hflip", True):
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
+    hflip = bool(_get(config, "hflip", True))
+    policy = timm_auto_augment(_get(config, "randaug", ""))
+    jitter = float(_get(config, "color_jitter", 0.0))
+    reprob = float(_get(config, "reprob", 0.0))
+    if policy or jitter > 0 or reprob > 0:
+        from timm.data import create_transform
+
+        remode = _get(config, "remode", "pixel")
+        if remode not in ERASE_MODES:
+            raise ValueError(f"remode must be one of {ERASE_MODES}, got {remode!r}")
+        return create_transform(
+            image_size,
+            is_training=True,
+            scale=scale,
+            hflip=0.5 if hflip else 0.0,
+            color_jitter=jitter if jitter > 0 else None,
+            auto_augment=policy or None,
+            interpolation=train_interpolation,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            re_prob=reprob,
+            re_mode=remode,
+            re_count=int(_get(config, "recount", 1)),
+        )
+    steps: list[Any] = [
+        v2.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode(train_interpolation))
+    ]
+    if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose([*steps, *normalize])

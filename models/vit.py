@@ -22,7 +22,7 @@ from .token_state import TokenState
 if TYPE_CHECKING:
     from .cost import Probe
 
-__all__ = ["PatchEmbed", "VisionTransformer", "prunable_units", "resample_pos_embed", "vit_config"]
+__all__ = ["PatchEmbed", "VisionTransformer", "prunable_units", "resample_pos_embed", "vit_config", "vit_variant"]
 
 _PRESETS: dict[str, dict[str, int]] = {
     "base": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12},
@@ -33,11 +33,31 @@ _PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# timm's DeiT model names: (preset, distilled, native image size). The official deit_*.pth files and timm's
+# ``.fb_in1k`` weights carry these names; a distilled file has a distillation token and head (spec uvc_deit §6).
+_TIMM_NAMES: dict[str, tuple[str, bool, int]] = {
+    **{f"deit_{s}_patch16_224": (f"deit_{s}", False, 224) for s in ("tiny", "small", "base")},
+    **{f"deit_{s}_distilled_patch16_224": (f"deit_{s}", True, 224) for s in ("tiny", "small", "base")},
+    "deit_base_patch16_384": ("deit_base", False, 384),
+    "deit_base_distilled_patch16_384": ("deit_base", True, 384),
+}
+
+
 def vit_config(name: str) -> dict[str, int]:
-    """Architecture keyword arguments of a named preset (image size and head are the caller's)."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(_PRESETS)}")
-    return dict(_PRESETS[name])
+    """Architecture keyword arguments of a named preset or timm DeiT name (image size, head and distillation
+    token are the caller's: see :func:`vit_variant`)."""
+    preset = _TIMM_NAMES[name][0] if name in _TIMM_NAMES else name
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(_PRESETS) + sorted(_TIMM_NAMES)}")
+    return dict(_PRESETS[preset])
+
+
+def vit_variant(name: str) -> dict[str, Any]:
+    """What a model name fixes besides the widths: ``distilled`` and the native ``img_size`` (224 for the
+    presets, 384 for the ``*_384`` DeiTs)."""
+    vit_config(name)  # an unknown name is an error here too
+    _, distilled, size = _TIMM_NAMES.get(name, (name, False, 224))
+    return {"distilled": distilled, "img_size": size}
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:

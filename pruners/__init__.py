@@ -11,6 +11,7 @@ from pruners.platon import Platon
 from pruners.pumer import PuMer
 from pruners.tome import ToMe
 from pruners.upop import UPop
+from pruners.uvc import UVC
 
 # name -> class; "none" trains and evaluates the dense model.
 PRUNERS: dict[str, type[Pruner] | None] = {
@@ -21,6 +22,7 @@ PRUNERS: dict[str, type[Pruner] | None] = {
     "tome": ToMe,
     "madtp": MADTP,
     "pumer": PuMer,
+    "uvc": UVC,
 }
 
 # Config keys every task accepts for its pruners: the shared ratio, the dense checkpoint pruners start

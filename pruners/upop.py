@@ -37,9 +37,10 @@ def progressive_ratio(p: float, s: int, total: int) -> float:
     return p * math.sin(math.pi * (s + 1) / (2 * total))
 
 
-def is_update_step(s: int, total: int, interval: int) -> bool:
-    """Masks are re-ranked at step 0, every ``interval`` steps, and always at the last search step."""
-    return s % interval == 0 or s == total - 1
+def is_update_step(s: int, total: int, interval: int, at_start: bool = True) -> bool:
+    """Masks are re-ranked every ``interval`` steps (step 0 included only ``at_start``: the BLIP/CLIP seeds
+    do, the DeiT seed does not) and always at the last search step."""
+    return (s % interval == 0 and (at_start or s > 0)) or s == total - 1
 
 
 def _zscore(x: Tensor) -> Tensor:
@@ -120,13 +121,15 @@ class UPop(Pruner):
         "epochs": None,  # retrain epochs with this pruner (None: max_epoch; --epoch wins)
         "interval": 50,  # optimizer steps between mask updates
         "search_epochs": None,  # None: as many as the retrain epochs (the seed's --epoch N = N + N)
-        "w_sp_attn": 4.8e-3,  # L1 weights of the masks, divided by the world size as in the seed
+        "update_at_start": True,  # also re-rank at search step 0 (BLIP/CLIP seeds; the DeiT seed starts at interval)
+        "w_sp_attn": 4.8e-3,  # L1 weights of the masks
         "w_sp_mlp": 2e-4,
+        "w_sp_divide_world": True,  # divide the L1 weights by the world size (BLIP/CLIP seeds; the DeiT seed does not)
         "attn_cost": None,  # cost of one attention entry against one FFN neuron; None: int(param ratio)
         "importance": "gradient",  # gradient (UPop) | magnitude (the same search ranked by weight norm)
         "round_to": 1,  # kept widths rounded up to a multiple of this at compression
-        "seed_scale": False,  # BERT attention takes 1/sqrt(kept width) at compression (the seed)
-        "seed_qkv_bias_reinit": False,  # re-initialise the ViT qkv bias at compression (the seed's bug)
+        "parity_scale": False,  # BERT attention takes 1/sqrt(kept width) at compression (the seed)
+        "parity_qkv_bias_reinit": False,  # re-initialise the ViT qkv bias at compression (the seed's bug, §4.1)
     }
 
     FLAGS = {
@@ -199,7 +202,7 @@ class UPop(Pruner):
         if self.compressed:
             return None
         self._move(next(model.parameters()).device)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() and self.opts["w_sp_divide_world"] else 1
         attn = sum(m.abs().sum() for u, m in zip(self.units, self.masks) if u.kind == "head_dim")
         ffn = sum(m.abs().sum() for u, m in zip(self.units, self.masks) if u.kind == "neuron")
         return (self.opts["w_sp_attn"] * attn + self.opts["w_sp_mlp"] * ffn) / world
@@ -239,7 +242,8 @@ class UPop(Pruner):
 
     def step(self, model: nn.Module, step: int, total: int, lr: float = 0.0) -> None:
         s = step - 1
-        if self.compressed or self.p == 0 or not is_update_step(s, total, int(self.opts["interval"])):
+        at_start = bool(self.opts["update_at_start"])
+        if self.compressed or self.p == 0 or not is_update_step(s, total, int(self.opts["interval"]), at_start):
             return
         self.update(progressive_ratio(self.p, s, total))
 
@@ -299,12 +303,12 @@ class UPop(Pruner):
         """Slice every masked entry out of its Linear layers; the model becomes an ordinary smaller model."""
         if self.compressed:
             return model
-        kwargs = {} if self.opts["seed_scale"] else {"rescale": False}
+        kwargs = {} if self.opts["parity_scale"] else {"rescale": False}
         for u, m, score in zip(self.units, self.masks, self.scores()):
             idx = self._keep_indices(u, m, score)
             if u.kind == "head_dim":
                 u.keep(idx, **kwargs)
-                if self.opts["seed_qkv_bias_reinit"] and getattr(u.module, "fused", False):
+                if self.opts["parity_qkv_bias_reinit"] and getattr(u.module, "fused", False):
                     _default_linear_bias(u.module.qkv)
             else:
                 u.keep(idx)

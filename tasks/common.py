@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 import utils
 from data import create_loader
@@ -34,16 +34,20 @@ def build_loaders(
     shard_eval: bool = True,
     eval_collate_fn: Callable | None = None,
     batch_sizes: tuple[int, int] | None = None,
+    train_sampler: Sampler | None = None,
 ) -> tuple[Any, dict]:
     """Train loader over a DistributedSampler (also with one process: the data order then depends only
-    on (seed, epoch), which exact resume relies on); eval loaders sharded without padding, or the full
+    on (seed, epoch), which exact resume relies on), or over ``train_sampler`` (one that shards by rank and
+    has ``set_epoch``, e.g. DeiT's repeated augmentation); eval loaders sharded without padding, or the full
     split on every rank when ``shard_eval`` is False (retrieval). ``batch_sizes`` (train, eval) replaces
     the config's ``batch_size_train`` / ``batch_size_test``."""
     for split, ds in eval_sets.items():
         if len(ds) == 0:  # annotation files are checked when read; this catches datasets that filter entries
             raise ValueError(f"the {split} split is empty ({type(ds).__name__} with no samples)")
     world, rank = dist.world_size, dist.rank
-    samplers = [DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"])]
+    if train_sampler is None:
+        train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"])
+    samplers: list = [train_sampler]
     samplers += [ShardSampler(ds, world, rank) if shard_eval else None for ds in eval_sets.values()]
     n = 1 + len(eval_sets)
     train_bs, eval_bs = batch_sizes or (config["batch_size_train"], config["batch_size_test"])

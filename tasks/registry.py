@@ -189,7 +189,14 @@ def schema(entry: Entry) -> dict[str, Any]:
     return {**COMMON_DEFAULTS, **PRUNER_DEFAULTS, **entry.load().SCHEMA, "backbone": entry.backbone}
 
 
-def config_path(entry: Entry, path: str | Path | None, demo: bool) -> Path:
+def config_path(entry: Entry, path: str | Path | None, demo: bool, pruner: str = "none") -> Path:
+    """The YAML to read: ``path``, else the entry's default, or with ``demo`` its demo config, or the pruner's own
+    demo config beside it where one exists (``configs/demo/classification_uvc.yaml`` for ``--demo --pruner uvc``)."""
+    if path is None and demo and pruner != "none":
+        own = Path(entry.demo_config)
+        own = own.with_name(f"{own.stem}_{pruner}{own.suffix}")
+        if own.exists() or (REPO / own).exists():
+            path = own
     path = Path(path or (entry.demo_config if demo else entry.default_config))
     if not path.is_absolute() and not path.exists() and (REPO / path).exists():
         path = REPO / path
@@ -215,16 +222,17 @@ def resolve(
     demo: bool = False,
     overrides: Iterable[str] = (),
     flags: Mapping[str, Any] | None = None,
+    pruner: str = "none",
 ) -> tuple[Entry, dict[str, Any]]:
     """(entry, config) of ``task`` from the YAML ``path`` (default: the entry's default or demo config),
     ``--set`` ``overrides`` and dedicated ``flags`` (dotted key -> typed value, the most specific), checked
     against the entry's schema and the engine's ranges. ``config["_source"]`` names the file."""
     overrides = list(overrides)
     first = lookup(task)
-    path = config_path(first, path, demo)
+    path = config_path(first, path, demo, pruner)
     entry = lookup(task, _backbone_of(path, overrides))
-    if entry != first and path == config_path(first, None, demo):
-        path = config_path(entry, None, demo)
+    if entry != first and path == config_path(first, None, demo, pruner):
+        path = config_path(entry, None, demo, pruner)
     config = load_config(path, schema(entry), overrides, flags=flags)
     check_values(config, ENGINE_CHECKS, str(path))
     config["backbone"] = entry.backbone

@@ -328,11 +328,11 @@ def test_upop_at_p_zero_changes_nothing():
     assert_same(embeddings(model), before, atol=0)
 
 
-def test_upop_released_clip_files_load_with_inferred_widths_and_the_seed_scale(tmp_path):
+def test_upop_released_clip_files_load_with_inferred_widths_and_the_seed_attention_scale(tmp_path):
     """UPop's *_compressed.pth: OpenAI keys at pruned shapes, momentum twins alike, no description; CLIP attention
     takes 1/sqrt(kept width)."""
     model = tiny_model(8)
-    pruner = _search(model, 0.5, seed_scale=True)
+    pruner = _search(model, 0.5, parity_scale=True)
     pruner.compress(model)
     block = model.visual.blocks[0].attn
     assert block.scale == pytest.approx(block.head_dim**-0.5) and block.head_dim < 64

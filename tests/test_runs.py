@@ -127,10 +127,18 @@ def test_torchrun_two_processes_and_equal_evaluation(world, tmp_path):
 UPOP = ("--pruner", "upop", "--set", "upop.search_epochs=1", "--set", "upop.interval=2", "--set", "p=0.5")
 
 
+# UVC: a warm-up epoch and one search epoch, then one post-training epoch; the kill lands after the warm-up, so the
+# resume must restore the counts, duals, gates (and their buffers) and the noise of the search.
+UVC = (
+    "--pruner", "uvc", "--budget", "0.6", "--set", "uvc.search_epochs=2", "--set", "uvc.warmup_epochs=1",
+    "--set", "uvc.search_warmup_steps=0", "--set", "uvc.gating_interval=2", "--set", "uvc.gating_weight=0.5",
+    "--set", "uvc.select_by=last", "--set", "pruner_pretrained=", "--set", "teacher.path=",
+)  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner", [(), UPOP], ids=["dense", "upop"])
-def test_killed_run_resumes_to_the_same_parameters(world, tmp_path, pruner):
-    epochs = 2 if pruner else 3
+@pytest.mark.parametrize("pruner, epochs", [((), 3), (UPOP, 2), (UVC, 1)], ids=["dense", "upop", "uvc"])
+def test_killed_run_resumes_to_the_same_parameters(world, tmp_path, pruner, epochs):
     full = tmp_path / "full"
     run(script(*args_for(world, full, epochs=epochs, extra=pruner)))
 

@@ -279,7 +279,7 @@ def test_qkv_bias_is_sliced_by_default_and_reinitialised_only_on_request():
             {
                 "p": 0.5,
                 "max_epoch": 1,
-                "upop": {"interval": 1, "importance": "magnitude", "seed_qkv_bias_reinit": reinit},
+                "upop": {"interval": 1, "importance": "magnitude", "parity_qkv_bias_reinit": reinit},
             }
         )
         pruner.attach(model)
@@ -313,7 +313,7 @@ def test_bare_seed_style_state_dict_loads_with_inferred_widths(tiny, task, tmp_p
     """The seed's released files: a bare state dict at pruned shapes, BERT scale 1/sqrt(kept width)."""
     torch.manual_seed(3)
     model = build(task, tiny)
-    pruner = search(task, model, p=0.5, seed_scale=True)
+    pruner = search(task, model, p=0.5, parity_scale=True)
     pruner.compress(model)
     expected = outputs(task, model)
     path = tmp_path / "upop_compressed.pth"
