@@ -26,7 +26,6 @@ behaviours of the released code that spec section 9 lists as bugs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -798,7 +797,3 @@ class UVC(Pruner):
             executes=self.executes(),
         )
         return out
-
-    @staticmethod
-    def selection_sizes(selections: Sequence[Selection]) -> list[tuple[int, int, int]]:
-        return [(int(s.heads.sum()), int(s.dims.sum()), int(s.neurons.sum())) for s in selections]
