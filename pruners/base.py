@@ -18,6 +18,9 @@ class Pruner:
     DEFAULTS: dict[str, Any] = {}  # the pruner's config section (config[name]) with its defaults
     # Command-line flags of the seed, each a shortcut for one config key: flag -> (key, type, help).
     FLAGS: dict[str, tuple[str, type, str]] = {}
+    # The demo config ``--demo --pruner NAME`` reads for a task instead of the task's own (task -> YAML path
+    # relative to the repository), where the method needs a different demo (e.g. a starting checkpoint).
+    DEMO_CONFIGS: dict[str, str] = {}
 
     def __init__(self, config: dict):
         self.config = config

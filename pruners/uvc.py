@@ -257,6 +257,7 @@ class UVC(Pruner):
     """Config: the ``uvc`` section (``DEFAULTS``; the released command line's names) and ``--budget``."""
 
     name = "uvc"
+    DEMO_CONFIGS = {"classification": "configs/demo/classification_uvc.yaml"}
     DEFAULTS: dict[str, Any] = {
         "budget": 0.5,  # target R: the share of the dense MACs (patch embedding + blocks) to keep
         "search_epochs": 31,  # stage 1, warm-up included (the release runs num_epochs + 1)

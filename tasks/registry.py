@@ -190,13 +190,13 @@ def schema(entry: Entry) -> dict[str, Any]:
 
 
 def config_path(entry: Entry, path: str | Path | None, demo: bool, pruner: str = "none") -> Path:
-    """The YAML to read: ``path``, else the entry's default, or with ``demo`` its demo config, or the pruner's own
-    demo config beside it where one exists (``configs/demo/classification_uvc.yaml`` for ``--demo --pruner uvc``)."""
+    """The YAML to read: ``path``, else the entry's default, or with ``demo`` its demo config, or the demo config
+    the pruner declares for this task (``Pruner.DEMO_CONFIGS``: ``--demo --pruner uvc`` on classification)."""
     if path is None and demo and pruner != "none":
-        own = Path(entry.demo_config)
-        own = own.with_name(f"{own.stem}_{pruner}{own.suffix}")
-        if own.exists() or (REPO / own).exists():
-            path = own
+        from pruners import PRUNERS
+
+        cls = PRUNERS.get(pruner)
+        path = cls.DEMO_CONFIGS.get(entry.task) if cls is not None else None
     path = Path(path or (entry.demo_config if demo else entry.default_config))
     if not path.is_absolute() and not path.exists() and (REPO / path).exists():
         path = REPO / path

@@ -80,3 +80,13 @@ def test_bad_settings_fail_before_any_data_is_read(world, tmp_path):
         cli.main("classification", argv=args(world, tmp_path / "a", "--p", "0.5"))
     with pytest.raises((ValueError, SystemExit), match="zlr_mode"):
         cli.main("classification", argv=args(world, tmp_path / "b", "--zlr_mode", "sometimes"))
+
+
+def test_a_pruner_demo_config_is_read_only_where_the_pruner_declares_one():
+    from tasks import registry
+
+    _, config = registry.resolve("classification", None, demo=True, pruner="uvc")
+    assert config["_source"].endswith("configs/demo/classification_uvc.yaml")
+    # configs/demo/nlvr_evit.yaml is a demo of its own, named with --config; --demo --pruner evit keeps nlvr.yaml
+    _, config = registry.resolve("nlvr", None, demo=True, pruner="evit")
+    assert config["_source"].endswith("configs/demo/nlvr.yaml")
