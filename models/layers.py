@@ -294,6 +294,9 @@ class Attention(_SlotModule):
         if self.value_dims is None:
             return self._split_heads(t)
         b, n = t.shape[:2]
+        width = self.value_dims[0]
+        if all(w == width for w in self.value_dims):  # one width: a single padded copy
+            return F.pad(t.view(b, n, self.num_heads, width).transpose(1, 2), (0, self.head_dim - width))
         heads = t.split(self.value_dims, dim=-1)
         padded = [F.pad(h, (0, self.head_dim - h.shape[-1])) for h in heads]
         return torch.stack(padded, dim=1)
@@ -303,6 +306,9 @@ class Attention(_SlotModule):
         b, _, n, _ = ctx.shape
         if self.value_dims is None:
             return ctx.transpose(1, 2).reshape(b, n, self.inner_dim)
+        width = self.value_dims[0]
+        if all(w == width for w in self.value_dims):
+            return ctx[..., :width].transpose(1, 2).reshape(b, n, self.num_heads * width)
         return torch.cat([ctx[:, h, :, :w] for h, w in enumerate(self.value_dims)], dim=-1)
 
     def forward(

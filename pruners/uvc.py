@@ -521,13 +521,16 @@ class UVC(Pruner):
 
     # ------------------------------------------------------------------------------------ the search
     def refresh_selection(self) -> None:
-        """Re-rank every block's groups by the current weights (UVC does it at each epoch's start and end; the
-        primal-dual step re-ranks on its own)."""
+        """Re-rank every block's groups by the current weights (UVC does it at each epoch's start and end, and the
+        primal-dual step before and after its updates); with ``mask_in_search`` the selection is zeroed too."""
         if self.materialised:
             return
-        self.selections = [select(b, self.s[i], self.r[i]) for i, b in enumerate(self.model.blocks)]
+        self._rank()
         if self.opts["mask_in_search"]:
             self.apply_masks()
+
+    def _rank(self) -> None:
+        self.selections = [select(b, self.s[i], self.r[i]) for i, b in enumerate(self.model.blocks)]
 
     def pruned_heads(self) -> Tensor:
         return torch.stack([sel.heads for sel in self.selections]).to(self.s.device)
@@ -568,7 +571,7 @@ class UVC(Pruner):
         """One iteration of the primal-dual search after the weights' AdamW step (spec section 2.5, 3-6)."""
         if self.materialised:
             return
-        self.selections = [select(b, self.s[i], self.r[i]) for i, b in enumerate(self.model.blocks)]
+        self._rank()
         if self.opts["enable_pruning"]:
             self._prox(lr)
         if self.patch_logits is not None and self.patch_logits.grad is not None:
@@ -630,8 +633,7 @@ class UVC(Pruner):
             self.y = dual_ascent(self.y, least_y, float(opts["ylr"]))
             self.p = dual_ascent(self.p, least_p, float(opts["plr"]))
         if opts["mask_in_search"]:
-            self.selections = [select(b, self.s[i], self.r[i]) for i, b in enumerate(self.model.blocks)]
-            self.apply_masks()
+            self.refresh_selection()
         self._sync()
 
     def _prox(self, lr: float) -> None:

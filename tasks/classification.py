@@ -334,10 +334,14 @@ def build_task(config: dict, train_loader) -> ClassificationTask:
 def load_pretrained(model: torch.nn.Module, path: str, config: Mapping, evaluate: bool = False) -> None:
     """Weights from a checkpoint of this project (dense or compressed), an official DeiT file (``{"model": sd}``)
     or a timm state dict (.pth or .safetensors), every key required; a compressed file first cuts the model to
-    its widths (described, or inferred with ``infer_arch``)."""
+    its widths (described, or inferred with ``infer_arch``). A file released by UVC (gates and mask buffers) is
+    converted to the model it describes first (``models.uvc_checkpoints``)."""
     from models.arch import fit_to_checkpoint, read_weights
+    from models.uvc_checkpoints import convert_uvc_state_dict, is_uvc_state_dict
 
     sd, arch = read_weights(path)
+    if arch is None and isinstance(model, VisionTransformer) and is_uvc_state_dict(sd):
+        sd, arch = convert_uvc_state_dict(sd, str(path), num_heads=model.blocks[0].attn.num_heads)
     has_dist = "dist_token" in sd
     if isinstance(model, VisionTransformer) and has_dist != model.distilled:
         # spec uvc_deit trap 14: the token count differs, so no partial load can work

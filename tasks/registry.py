@@ -226,7 +226,8 @@ def resolve(
 ) -> tuple[Entry, dict[str, Any]]:
     """(entry, config) of ``task`` from the YAML ``path`` (default: the entry's default or demo config),
     ``--set`` ``overrides`` and dedicated ``flags`` (dotted key -> typed value, the most specific), checked
-    against the entry's schema and the engine's ranges. ``config["_source"]`` names the file."""
+    against the entry's schema and the engine's ranges, then completed by the task module's ``complete_config``
+    where it has one. ``config["_source"]`` names the file."""
     overrides = list(overrides)
     first = lookup(task)
     path = config_path(first, path, demo, pruner)
@@ -247,6 +248,9 @@ def resolve(
         value = node.get(leaf) if isinstance(node, dict) else None
         if isinstance(value, str):
             node[leaf] = repo_file(value)
+    complete = getattr(entry.load(), "complete_config", None)
+    if complete is not None:  # a task's derived keys and cross-key checks (classification: the DeiT recipe)
+        complete(config)
     return entry, config
 
 

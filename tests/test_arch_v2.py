@@ -57,10 +57,17 @@ def test_value_widths_skipped_blocks_and_reducers_round_trip(tmp_path):
         assert architecture(fresh) == arch
 
 
-def test_uneven_value_widths_equal_the_masked_dense_attention():
+@pytest.mark.parametrize(
+    "keep",
+    [
+        [torch.tensor([1, 2]), torch.arange(8), torch.tensor([0, 4, 6]), torch.tensor([5])],
+        [torch.tensor([0, 3, 7]), torch.tensor([1, 2, 5]), torch.tensor([0, 4, 6]), torch.tensor([2, 5, 6])],
+    ],
+    ids=["uneven", "one_width"],
+)
+def test_value_widths_equal_the_masked_dense_attention(keep):
     model = _vit()
     block = model.blocks[0]
-    keep = [torch.tensor([1, 2]), torch.arange(8), torch.tensor([0, 4, 6]), torch.tensor([5])]
     mask = torch.zeros(4, 8)
     for h, k in enumerate(keep):
         mask[h, k] = 1
@@ -74,7 +81,8 @@ def test_uneven_value_widths_equal_the_masked_dense_attention():
         dense = block(x)[0]
         block.attn.qkv.weight.copy_(qkv)
         block.attn.keep_value_dims(keep)
-        assert block.attn.value_inner_dim == 14 and block.attn.proj.in_features == 14
+        width = sum(len(k) for k in keep)
+        assert block.attn.value_inner_dim == width and block.attn.proj.in_features == width
         assert_close(block(x)[0], dense, atol=1e-5, rtol=1e-5)
 
 

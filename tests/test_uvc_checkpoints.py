@@ -138,6 +138,22 @@ def test_round_trip_through_save_compressed_and_load_pretrained(tmp_path, distil
             assert_close(fresh.eval()(x), expected(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["bare", "module", "wrapped"])
+def test_a_released_uvc_file_loads_directly_as_the_pretrained_model(tmp_path, layout):
+    """``--pretrained`` given UVC's own file: converted on the way in, the model is cut to what it describes."""
+    from tasks.classification import load_pretrained
+
+    path = _file(tmp_path, _uvc_state(True), layout)
+    fresh = VisionTransformer(**GEO, distilled=True)
+    load_pretrained(fresh, str(path), {})
+    assert isinstance(fresh.blocks[3], SkippedBlock)
+    x = _images()
+    with torch.no_grad():
+        assert_close(fresh.eval()(x), _reference(True)(x), rtol=0, atol=1e-5)
+    with pytest.raises(CheckpointError, match="non-distilled"):  # the file's token layout is still checked first
+        load_pretrained(VisionTransformer(**GEO, distilled=False), str(path), {})
+
+
 def test_layout_is_recognised():
     sd = _uvc_state(False)
     assert is_uvc_state_dict(sd) and is_uvc_state_dict({f"module.{k}": v for k, v in sd.items()})
