@@ -25,7 +25,9 @@ behaviours of the released code that spec section 9 lists as bugs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,21 +449,22 @@ class UVC(Pruner):
             groups.append({"params": [self.gates], "lr_scale": 1.0})
         return groups
 
-    def bypassed(self):
-        import contextlib
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
-        @contextlib.contextmanager
-        def dense():
-            saved = self._handles
-            for h in saved:
-                h.remove()
-            self._handles = []
-            try:
-                yield
-            finally:
-                self._hook()
-
-        return dense() if not self.materialised else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """The model without the gate (and patch) hooks: the dense model while searching."""
+        if self.materialised:
+            yield
+            return
+        self._unhook()
+        try:
+            yield
+        finally:
+            self._hook()
 
     # ------------------------------------------------------------------------------------ phases
     def phases(self, cfg: Any) -> list[PhaseSpec]:
@@ -507,8 +510,7 @@ class UVC(Pruner):
             self.eps *= float(self.opts["eps_decay"])
         if not self.warm and self.opts["select_by"] == "budget":
             value = self.deterministic_resource()
-            ceiling = self.budget * (1 + float(self.opts["budget_tolerance"]))
-            if value <= ceiling and (self.chosen is None or value >= self.chosen["R"]):
+            if value <= self.ceiling and (self.chosen is None or value >= self.chosen["R"]):
                 self.chosen = {
                     "epoch": epoch,
                     "R": value,
@@ -520,6 +522,11 @@ class UVC(Pruner):
         log.info("uvc epoch %d: %s", epoch, {k: v for k, v in self.report().items() if k != "blocks"})
 
     # ------------------------------------------------------------------------------------ the search
+    @property
+    def ceiling(self) -> float:
+        """The largest R a materialised search may end at: the budget plus ``budget_tolerance`` of it."""
+        return self.budget * (1 + float(self.opts["budget_tolerance"]))
+
     def refresh_selection(self) -> None:
         """Re-rank every block's groups by the current weights (UVC does it at each epoch's start and end, and the
         primal-dual step before and after its updates); with ``mask_in_search`` the selection is zeroed too."""
@@ -703,9 +710,7 @@ class UVC(Pruner):
                 self.gates.copy_(self.chosen["gates"])
         self.refresh_selection()
         r_released, r_exact = self.deterministic_resource("released"), self.deterministic_resource("materialised")
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._unhook()
         skipped = []
         for i, (block, sel, run) in enumerate(zip(list(model.blocks), self.selections, self.executes())):
             if not run:
@@ -728,9 +733,12 @@ class UVC(Pruner):
             r_exact,
             skipped or "none",
         )
-        if r_released > self.budget * 1.03:
+        if r_released > self.ceiling:
             log.warning(
-                "uvc: the search ended at R %.4f, above the budget %.3f by more than 3 %%", r_released, self.budget
+                "uvc: the search ended at R %.4f, above the budget %.3f by more than uvc.budget_tolerance (%g)",
+                r_released,
+                self.budget,
+                float(self.opts["budget_tolerance"]),
             )
         return model
 
@@ -764,9 +772,7 @@ class UVC(Pruner):
         if state["materialised"]:
             from models.arch import apply_architecture
 
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            self._unhook()
             apply_architecture(self.model, state["arch"], "the UVC resume state")
             self.materialised, self.final = True, state["final"]
             return
